@@ -1,0 +1,376 @@
+"""The typed configuration tree: YAML files in configs/, dotted command-line overrides, and
+every cross-field check in one place, each failing with one line that names the fix.
+
+A run config may name its model by size (`model: 1b`), which loads `configs/model/1b.yaml`
+next to it; keys given in the run config's model section or on the command line win.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, stated as one line: the field, the value and the fix."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int = 0  # 0: one group per head (multi-head attention)
+    ffn_hidden_size: int = 0  # 0: 4h for gelu, 8h/3 rounded up to a multiple of 64 for swiglu
+    max_seq_length: int = 128  # positions the embedding (or RoPE cache) covers
+    position_embedding: Literal["rope", "learned"] = "rope"
+    rotary_base: int = 10000
+    normalization: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    norm_eps: float = 1e-5
+    bias: bool = False
+    dropout: float = 0.0
+    make_vocab_size_divisible_by: int = 128
+    backend: Literal["auto", "te", "local"] = "auto"
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.activation == "swiglu":
+            return 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+        return 4 * self.hidden_size
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline_chunks: int = 1  # >1: interleaved 1F1B with this many chunks per stage
+    sequence_parallel: bool = False
+    zero_stage: int = 1
+    recompute: Literal["none", "full"] = "none"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # length of the LR schedule
+    exit_at_step: int = 0  # >0: stop cleanly after this step; the schedule is unchanged
+    seed: int = 1234
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seq_length: int = 128
+    log_interval: int = 1
+    sample_tokens: int = 0  # >0: print a greedy sample of this many tokens at the end
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5  # floor of the cosine decay
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+
+@dataclass
+class DataConfig:
+    # "embedded": the built-in corpus (the standard library's own source), byte-tokenized.
+    train: str = "embedded"
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check `value` against a field's annotation; YAML-parse strings from the command line."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{where}={value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}={value!r} must be true or false")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}={value!r} must be an integer")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}={value!r} must be a number")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}={value!r} must be a string")
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}={value!r} has the wrong type ({annotation})")
+    raise TypeError(f"unsupported annotation {annotation} for {where}")
+
+
+def _section_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _apply(section_obj: Any, key: str, value: Any, where: str) -> None:
+    hints = _section_types(type(section_obj))
+    if key not in hints:
+        known = ", ".join(sorted(hints))
+        raise ConfigError(f"unknown key {where!r}; known keys of this section: {known}")
+    setattr(section_obj, key, _coerce(value, hints[key], where))
+
+
+def _merge_dict(cfg: Config, data: dict, source: str) -> None:
+    sections = _section_types(Config)
+    for section, values in data.items():
+        if section not in sections:
+            raise ConfigError(f"{source}: unknown section {section!r}; "
+                              f"known sections: {', '.join(sorted(sections))}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping of keys to values")
+        for key, value in values.items():
+            _apply(getattr(cfg, section), key, value, f"{section}.{key}")
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file, "
+                          f"e.g. configs/smoke.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a run config, expand `model: NAME`, then apply `section.key=value` overrides."""
+    path = Path(path)
+    data = _read_yaml(path)
+    cfg = Config()
+    model = data.get("model")
+    if isinstance(model, str):
+        data = dict(data)
+        data.pop("model")
+        _merge_dict(cfg, {"model": _model_preset(path.parent, model)}, f"model preset {model!r}")
+    elif isinstance(model, dict) and "preset" in model:
+        model = dict(model)
+        preset = model.pop("preset")
+        _merge_dict(cfg, {"model": _model_preset(path.parent, preset)}, f"model preset {preset!r}")
+        data = dict(data, model=model)
+    _merge_dict(cfg, data, str(path))
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like section.key=value, "
+                              f"e.g. parallel.tensor_parallel=2")
+        dotted, raw = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        if section == "model" and key == "preset":
+            _merge_dict(cfg, {"model": _model_preset(path.parent, raw)}, f"model preset {raw!r}")
+            continue
+        sections = _section_types(Config)
+        if section not in sections:
+            raise ConfigError(f"override {item!r}: unknown section {section!r}; "
+                              f"known sections: {', '.join(sorted(sections))}")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _apply(getattr(cfg, section), key, value, dotted)
+    return cfg
+
+
+def _model_preset(config_dir: Path, name: str) -> dict:
+    for candidate in (config_dir / "model" / f"{name}.yaml",
+                      config_dir.parent / "model" / f"{name}.yaml"):
+        if candidate.is_file():
+            data = _read_yaml(candidate)
+            return dict(data.get("model", data), name=name)
+    available = sorted(p.stem for p in (config_dir / "model").glob("*.yaml"))
+    raise ConfigError(f"model preset {name!r} not found in {config_dir / 'model'}; "
+                      f"available: {', '.join(available) or 'none'}")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------- derived values and checks
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes derived from a config and a world size; the single source for every other module."""
+
+    world_size: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    data_parallel: int
+    micro_batch_size: int
+    num_micro_batches: int  # per optimizer step on each data-parallel rank
+    padded_vocab_size: int
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def pad_vocab(vocab_size: int, cfg: Config) -> int:
+    """Round up to a multiple of both make_vocab_size_divisible_by and TP. Unlike megatron's
+    `divisible_by x TP`, this keeps the padded vocabulary (hence the model) the same across
+    TP sizes that divide the multiple, which layout parity and resharding rely on."""
+    multiple = math.lcm(cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_parallel)
+    return multiple * math.ceil(vocab_size / multiple)
+
+
+def validate(cfg: Config, world_size: int | None = None, vocab_size: int | None = None,
+             cuda: bool = False) -> Layout | None:
+    """All cross-field checks. Returns the derived Layout when the world size is known."""
+    m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
+    positive = {
+        "model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
+        "model.num_attention_heads": m.num_attention_heads, "model.max_seq_length": m.max_seq_length,
+        "parallel.tensor_parallel": p.tensor_parallel, "parallel.pipeline_parallel": p.pipeline_parallel,
+        "parallel.virtual_pipeline_chunks": p.virtual_pipeline_chunks, "train.steps": t.steps,
+        "train.micro_batch_size": t.micro_batch_size, "train.global_batch_size": t.global_batch_size,
+        "train.seq_length": t.seq_length, "train.log_interval": t.log_interval,
+        "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
+    }
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{name}={value} must be at least 1")
+    for name, value in {"optim.lr": o.lr, "optim.min_lr": o.min_lr, "model.init_std": m.init_std,
+                        "optim.grad_clip": o.grad_clip, "optim.weight_decay": o.weight_decay,
+                        "train.exit_at_step": t.exit_at_step, "optim.warmup_steps": o.warmup_steps,
+                        "model.num_query_groups": m.num_query_groups,
+                        "model.ffn_hidden_size": m.ffn_hidden_size}.items():
+        if value < 0:
+            raise ConfigError(f"{name}={value} must not be negative")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} exceeds optim.lr={o.lr}; set min_lr <= lr")
+    if o.warmup_steps > t.steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}; "
+                          f"use at most {t.steps}")
+    if t.exit_at_step > t.steps:
+        raise ConfigError(f"train.exit_at_step={t.exit_at_step} is past train.steps={t.steps}; "
+                          f"use 0 (run to the end) or a step <= {t.steps}")
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} does not divide "
+                          f"model.hidden_size={m.hidden_size}; use one of {_divisors(m.hidden_size)}")
+    if m.num_attention_heads % m.query_groups:
+        raise ConfigError(f"model.num_query_groups={m.num_query_groups} does not divide "
+                          f"model.num_attention_heads={m.num_attention_heads}; "
+                          f"use one of {_divisors(m.num_attention_heads)}")
+    if m.position_embedding == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
+        raise ConfigError(f"RoPE needs an even head dimension, got hidden_size/heads="
+                          f"{m.hidden_size // m.num_attention_heads}; change model.num_attention_heads")
+    tp, pp = p.tensor_parallel, p.pipeline_parallel
+    if m.num_attention_heads % tp:
+        raise ConfigError(f"parallel.tensor_parallel={tp} does not divide model.num_attention_heads="
+                          f"{m.num_attention_heads}; use one of {_divisors(m.num_attention_heads)}")
+    if m.query_groups % tp:
+        raise ConfigError(f"parallel.tensor_parallel={tp} does not divide the {m.query_groups} "
+                          f"query groups (model.num_query_groups); use one of {_divisors(m.query_groups)}")
+    if m.ffn_size % tp:
+        raise ConfigError(f"parallel.tensor_parallel={tp} does not divide the FFN size {m.ffn_size} "
+                          f"(model.ffn_hidden_size); use one of {_divisors(m.ffn_size)}")
+    stages = pp * p.virtual_pipeline_chunks
+    if m.num_layers % stages:
+        raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by pipeline_parallel x "
+                          f"virtual_pipeline_chunks = {pp} x {p.virtual_pipeline_chunks} = {stages}; "
+                          f"choose a layout whose product divides {m.num_layers}")
+    if p.virtual_pipeline_chunks > 1 and pp == 1:
+        raise ConfigError(f"parallel.virtual_pipeline_chunks={p.virtual_pipeline_chunks} needs "
+                          f"parallel.pipeline_parallel > 1; set virtual_pipeline_chunks=1")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
+    if p.zero_stage >= 2 and pp > 1:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pipeline_parallel={pp}: "
+                          f"ZeRO-2/3 partition gradients during backward, which the pipeline "
+                          f"schedule does not allow; use parallel.zero_stage=1 (or 0)")
+    if p.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1; "
+                          "set sequence_parallel=false or raise tensor_parallel")
+    if p.sequence_parallel and t.seq_length % tp:
+        raise ConfigError(f"parallel.sequence_parallel splits the sequence over TP={tp}, but "
+                          f"train.seq_length={t.seq_length} is not divisible by {tp}")
+    if t.seq_length > m.max_seq_length:
+        raise ConfigError(f"train.seq_length={t.seq_length} exceeds model.max_seq_length="
+                          f"{m.max_seq_length}; lower seq_length or raise max_seq_length")
+    if p.precision == "bf16" and not cuda:
+        raise ConfigError("parallel.precision=bf16 needs a GPU; use precision=auto (fp32 on CPU)")
+    if cfg.data.train != "embedded":
+        raise ConfigError(f"data.train={cfg.data.train!r}: only 'embedded' is supported so far")
+    if t.micro_batch_size > t.global_batch_size:
+        raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} exceeds "
+                          f"train.global_batch_size={t.global_batch_size}")
+    if world_size is None:
+        return None
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by tensor_parallel x "
+                          f"pipeline_parallel = {tp} x {pp} = {tp * pp}; launch a multiple of "
+                          f"{tp * pp} processes or change the layout")
+    dp = world_size // (tp * pp)
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        lower = max(per_step, t.global_batch_size // per_step * per_step)
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                          f"micro_batch_size x data_parallel = {t.micro_batch_size} x {dp} = "
+                          f"{per_step}; use {lower} or {lower + per_step}")
+    micro_batches = t.global_batch_size // per_step
+    if p.virtual_pipeline_chunks > 1 and micro_batches % pp:
+        raise ConfigError(f"interleaved pipelining needs the {micro_batches} micro-batches per step "
+                          f"(global_batch / (micro_batch x dp)) to be a multiple of "
+                          f"pipeline_parallel={pp}; adjust train.global_batch_size")
+    padded = pad_vocab(vocab_size, cfg) if vocab_size else 0
+    return Layout(world_size=world_size, tensor_parallel=tp, pipeline_parallel=pp,
+                  data_parallel=dp, micro_batch_size=t.micro_batch_size,
+                  num_micro_batches=micro_batches, padded_vocab_size=padded)

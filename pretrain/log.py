@@ -1,0 +1,44 @@
+"""Rank-0 console logging and the per-step metrics file."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(message: str) -> None:
+    """Print on global rank 0 only; other ranks stay quiet unless they fail."""
+    if is_rank0():
+        print(message, flush=True)
+
+
+def warn(message: str) -> None:
+    if is_rank0():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to RUN/metrics.jsonl (rank 0)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = open(self.path, "a", buffering=1) if is_rank0() else None
+
+    def write(self, record: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None

@@ -1,0 +1,1 @@
+"""GPT decoder built from megatron-core specs, plus its layout-independent initializer."""

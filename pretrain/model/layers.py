@@ -1,0 +1,95 @@
+"""Local (non-Transformer-Engine) building blocks plugged into megatron-core's layer specs.
+
+Two modules replace megatron's local defaults: a norm that supports sequence parallelism
+(megatron's torch fallback refuses it) and a core attention that calls torch's
+scaled_dot_product_attention (flash / memory-efficient kernels on GPU, a fused CPU kernel
+otherwise) instead of megatron's unfused softmax(QK^T)V.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import divide
+
+
+class Norm(torch.nn.Module):
+    """RMSNorm or LayerNorm over the last dimension, as chosen by `config.normalization`.
+
+    Under sequence parallelism each TP rank normalizes a different slice of the sequence, so
+    the gradient of the (replicated) weight computed on one rank is partial. The weight
+    enters the computation through megatron's copy-to-TP-region (identity forward, TP
+    all-reduce backward), so autograd itself accumulates the full gradient on every rank,
+    before any ZeRO hook partitions it. The parameters are also tagged
+    `sequence_parallel=True`, as megatron's own norms are.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__()
+        self.rms = config.normalization == "RMSNorm"
+        self.eps = eps
+        self.hidden_size = hidden_size
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.bias = None
+        if not self.rms:
+            self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        self.sequence_parallel = bool(config.sequence_parallel)
+        for param in self.parameters():
+            setattr(param, "sequence_parallel", self.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if self.sequence_parallel:
+            weight = tensor_parallel.copy_to_tensor_model_parallel_region(weight)
+            if bias is not None:
+                bias = tensor_parallel.copy_to_tensor_model_parallel_region(bias)
+        if self.rms:
+            return F.rms_norm(x, (self.hidden_size,), weight, self.eps)
+        return F.layer_norm(x, (self.hidden_size,), weight, bias, self.eps)
+
+
+class SDPAttention(MegatronModule):
+    """Causal core attention through `torch.nn.functional.scaled_dot_product_attention`.
+
+    Same interface as megatron's DotProductAttention: q is [s, b, heads/tp, d], k and v are
+    [s, b, groups/tp, d]; returns [s, b, heads/tp * d]. GQA is handled by SDPA itself.
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type,
+                 attention_dropout=None, softmax_scale=None, cp_comm_type=None,
+                 pg_collection=None, **_unused):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention does not implement context parallelism")
+        tp_size = tensor_parallel.get_tensor_model_parallel_world_size() if pg_collection is None \
+            else pg_collection.tp.size()
+        self.heads_per_partition = divide(config.num_attention_heads, tp_size)
+        self.groups_per_partition = divide(config.num_query_groups, tp_size)
+        self.softmax_scale = softmax_scale
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPAttention: packed sequences / attention bias unsupported")
+        # [s, b, n, d] -> [b, n, s, d]
+        q_bnsd, k_bnsd, v_bnsd = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        dropout_p = self.dropout_p if self.training else 0.0
+        gqa = self.heads_per_partition != self.groups_per_partition
+        # Dropout must differ across TP ranks (different heads) and match across DP replicas:
+        # the model-parallel RNG fork gives exactly that, as in megatron's attention.
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            if attention_mask is None:
+                out_bnsd = F.scaled_dot_product_attention(
+                    q_bnsd, k_bnsd, v_bnsd, dropout_p=dropout_p, is_causal=True,
+                    scale=self.softmax_scale, enable_gqa=gqa)
+            else:
+                # megatron's masks are True where attention is *forbidden*; SDPA wants allowed.
+                out_bnsd = F.scaled_dot_product_attention(
+                    q_bnsd, k_bnsd, v_bnsd, attn_mask=~attention_mask, dropout_p=dropout_p,
+                    scale=self.softmax_scale, enable_gqa=gqa)
+        s, b = query.shape[0], query.shape[1]
+        # [b, n, s, d] -> [s, b, n*d]
+        return out_bnsd.permute(2, 0, 1, 3).reshape(s, b, -1)

@@ -1,0 +1,131 @@
+"""DeepSpeed ZeRO as the optimizer-sharding layer over megatron's data-parallel group.
+
+Contract with the pipeline schedule: megatron's schedule owns the micro-batch loop (it
+scales each micro-batch loss by 1/num_micro_batches and calls autograd itself), so the
+engine runs with gradient_accumulation_steps=1 and `managed_gradient_accumulation: false`:
+every backward only accumulates locally (ZeRO-2/3 reduce-scatter as gradients arrive), and
+`engine.step()` is the one accumulation boundary, where the remaining reduction, the
+global-norm clipping and the sharded AdamW update happen.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+
+
+class MegatronMPU:
+    """The `mpu` interface DeepSpeed queries, answered from megatron's parallel_state.
+
+    DeepSpeed computes the global gradient norm by summing squared norms of TP-sharded
+    parameters on every TP rank and of replicated ones on TP rank 0 only, then all-reducing
+    over the data-parallel group and the "model-parallel" group. That group must span both
+    TP and PP (so every stage contributes), while the "model-parallel rank" it tests must be
+    the TP rank (so replicated norms/biases are counted once per stage).
+    """
+
+    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+    get_model_parallel_group = staticmethod(parallel_state.get_model_parallel_group)
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(
+        parallel_state.get_tensor_model_parallel_world_size)
+    get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(
+        parallel_state.get_pipeline_model_parallel_world_size)
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return (parallel_state.get_tensor_model_parallel_world_size()
+                * parallel_state.get_pipeline_model_parallel_world_size())
+
+
+def deepspeed_config(zero_stage: int, micro_batch_size: int, grad_clip: float, bf16: bool) -> dict:
+    zero = {"stage": zero_stage}
+    if zero_stage >= 1:
+        # Deterministic reductions: no overlapped bucketing races, contiguous gradient buffers.
+        zero.update({"overlap_comm": False, "contiguous_gradients": True,
+                     "reduce_scatter": True, "allgather_partitions": True})
+    if zero_stage == 3:
+        # Small models in tests: keep every parameter partitioned rather than persisted whole.
+        zero.update({"stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 1e9})
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Global L2 norm of gradients already reduced over data parallelism, clipped in place.
+
+    Each distinct gradient is counted once: TP-sharded parameters on every TP rank,
+    replicated ones on TP rank 0 only, and the last stage's tied-embedding copy
+    (`ds_pipe_replicated`) not at all. The sum then runs over the TP x PP group.
+    """
+    grads, squares = [], []
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    for param in params:
+        if param.grad is None:
+            continue
+        grads.append(param.grad)
+        if getattr(param, "ds_pipe_replicated", False):
+            continue
+        if getattr(param, "tensor_model_parallel", False) or tp_rank == 0:
+            squares.append(param.grad.detach().float().pow(2).sum())
+    total = torch.stack(squares).sum() if squares else torch.zeros(())
+    device = grads[0].device if grads else total.device
+    total = total.to(device)
+    torch.distributed.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    norm = float(total.sqrt())
+    if max_norm > 0 and norm > max_norm:
+        for grad in grads:
+            grad.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+class ZeroEngine:
+    """The DeepSpeed engine plus the one number DeepSpeed does not record for stage 0."""
+
+    def __init__(self, engine, stage0_norm: list | None):
+        self.engine = engine
+        self._stage0_norm = stage0_norm
+
+    def grad_norm(self) -> float:
+        if self._stage0_norm is not None:
+            return self._stage0_norm[0]
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+
+def build_engine(model: torch.nn.Module, optimizer, lr_scheduler, ds_config: dict) -> ZeroEngine:
+    import deepspeed
+
+    stage0_norm = None
+    if ds_config["zero_optimization"]["stage"] == 0:
+        # Stage 0 uses the client optimizer as is, and DeepSpeed's own clipping there counts the
+        # tied embedding twice under PP and records no norm: clip in a pre-step hook instead,
+        # after DeepSpeed's all-reduce and before AdamW.
+        max_norm = ds_config["gradient_clipping"]
+        ds_config = dict(ds_config, gradient_clipping=0.0)
+        stage0_norm = [float("nan")]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+
+        def clip_hook(_optimizer, _args, _kwargs):
+            stage0_norm[0] = clip_grad_norm(params, max_norm)
+
+        optimizer.register_step_pre_hook(clip_hook)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config,
+        mpu=MegatronMPU(), dist_init_required=False)
+    return ZeroEngine(engine, stage0_norm)

@@ -1,0 +1,115 @@
+"""Entry point: `python -m pretrain.train --config configs/X.yaml [section.key=value ...]`.
+
+Reads as the list of builds it performs: config -> process groups -> model -> ZeRO engine ->
+data -> trainer.fit() -> sample. Configuration problems exit with status 2 and one line
+before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from pretrain.config import ConfigError, load_config, save_config, validate
+from pretrain.data.embedded import ByteTokenizer, embedded_tokens
+from pretrain.data.loader import GlobalBatchLoader, PackedTokens
+from pretrain.estimate import describe
+from pretrain.log import MetricsWriter, is_rank0, log
+from pretrain.parallel import cpu, dist as pdist
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="run config, e.g. configs/smoke.yaml")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate, print the resolved config, parameter count and memory "
+                             "estimate, then exit")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --dry-run: plan for this many ranks instead of the launcher's")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = pdist.detect_env()
+    tokenizer = ByteTokenizer()
+    has_cuda = torch.cuda.is_available()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        world = args.world_size if (args.dry_run and args.world_size) else env.world_size
+        layout = validate(cfg, world_size=world, vocab_size=tokenizer.vocab_size, cuda=has_cuda)
+    except ConfigError as err:
+        if env.rank == 0:
+            print(f"config error: {err}", file=sys.stderr)
+        return 2
+    bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and has_cuda)
+    if args.dry_run:
+        import yaml
+
+        if env.rank == 0:
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+            print(describe(cfg, tokenizer.vocab_size, world, bf16))
+        return 0
+
+    cpu.enable()
+    pdist.init_process_group(env)
+    p = cfg.parallel
+    pdist.init_model_parallel(p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline_chunks,
+                              cfg.train.seed)
+    from megatron.core import parallel_state
+
+    from pretrain.generate import sample
+    from pretrain.model.gpt import build_model_chunks
+    from pretrain.optim import build_optimizer, build_scheduler
+    from pretrain.parallel.schedule import ModelChunks, proxies
+    from pretrain.parallel.zero import build_engine, deepspeed_config
+    from pretrain.trainer import Trainer
+
+    run_dir = Path(cfg.run.dir)
+    if is_rank0():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        log(describe(cfg, tokenizer.vocab_size, env.world_size, bf16))
+    device = torch.device("cuda", torch.cuda.current_device()) if has_cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    chunks = build_model_chunks(cfg, layout.padded_vocab_size, dtype, device)
+    model = ModelChunks(chunks)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    zero = build_engine(model, optimizer, scheduler, deepspeed_config(
+        p.zero_stage, layout.micro_batch_size, cfg.optim.grad_clip, bf16))
+    # DeepSpeed runs torch-style backward hooks only for ZeRO optimizers; stage 0 calls the
+    # chunks directly and reduces at engine.step().
+    model_proxies = proxies(zero.engine, chunks, through_engine=p.zero_stage > 0)
+
+    tokens, corpus_sha = embedded_tokens()
+    loader = GlobalBatchLoader(PackedTokens(tokens, cfg.train.seq_length),
+                               cfg.train.global_batch_size, layout.micro_batch_size,
+                               parallel_state.get_data_parallel_rank(), layout.data_parallel,
+                               cfg.train.seed)
+    log(f"data: embedded corpus, {len(tokens):,} tokens (sha256 {corpus_sha[:12]}), "
+        f"{len(loader.source):,} samples of {cfg.train.seq_length} tokens")
+    metrics = MetricsWriter(run_dir)
+    trainer = Trainer(cfg, layout, zero, chunks, model_proxies, loader, metrics, device)
+    try:
+        trainer.fit()
+        if cfg.train.sample_tokens > 0:
+            prompt = tokenizer.encode("def ")
+            out = sample(proxies(zero.engine, chunks, through_engine=False), prompt,
+                         cfg.train.sample_tokens, cfg.train.seq_length, tokenizer.vocab_size,
+                         cfg.train.seed, device)
+            log("---- sample ----\n" + tokenizer.decode(prompt + out) + "\n----------------")
+    finally:
+        metrics.close()
+    log(f"run directory: {run_dir.resolve()}")
+    pdist.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
