@@ -1,0 +1,1 @@
+"""Launch-side helpers (environment detection, preflight); never imports the trainer."""

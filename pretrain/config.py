@@ -45,6 +45,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     bias: bool = False
     dropout: float = 0.0
+    vocab_size: int = 0  # 0: the tokenizer's; larger reserves rows (must be >= the tokenizer's)
     make_vocab_size_divisible_by: int = 128
     backend: Literal["auto", "te", "local"] = "auto"
 
@@ -100,6 +101,9 @@ class OptimConfig:
 class DataConfig:
     # "embedded": the built-in corpus (the standard library's own source), byte-tokenized.
     train: str = "embedded"
+    # Debugging aid (nanoGPT/llm.c "overfit one batch"): every step trains on the first global
+    # batch again; a correct setup drives its loss towards zero.
+    repeat_first_batch: bool = False
 
 
 @dataclass
@@ -287,7 +291,7 @@ def validate(cfg: Config, world_size: int | None = None, vocab_size: int | None 
             raise ConfigError(f"{name}={value} must be at least 1")
     for name, value in {"optim.lr": o.lr, "optim.min_lr": o.min_lr, "model.init_std": m.init_std,
                         "optim.grad_clip": o.grad_clip, "optim.weight_decay": o.weight_decay,
-                        "train.exit_at_step": t.exit_at_step, "optim.warmup_steps": o.warmup_steps,
+                        "train.exit_at_step": t.exit_at_step, "model.vocab_size": m.vocab_size, "optim.warmup_steps": o.warmup_steps,
                         "model.num_query_groups": m.num_query_groups,
                         "model.ffn_hidden_size": m.ffn_hidden_size}.items():
         if value < 0:
@@ -370,7 +374,10 @@ def validate(cfg: Config, world_size: int | None = None, vocab_size: int | None 
         raise ConfigError(f"interleaved pipelining needs the {micro_batches} micro-batches per step "
                           f"(global_batch / (micro_batch x dp)) to be a multiple of "
                           f"pipeline_parallel={pp}; adjust train.global_batch_size")
-    padded = pad_vocab(vocab_size, cfg) if vocab_size else 0
+    if vocab_size and m.vocab_size and m.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+                          f"{vocab_size}; use 0 (take the tokenizer's) or at least {vocab_size}")
+    padded = pad_vocab(max(vocab_size or 0, m.vocab_size), cfg) if (vocab_size or m.vocab_size) else 0
     return Layout(world_size=world_size, tensor_parallel=tp, pipeline_parallel=pp,
                   data_parallel=dp, micro_batch_size=t.micro_batch_size,
                   num_micro_batches=micro_batches, padded_vocab_size=padded)

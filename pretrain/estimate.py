@@ -30,7 +30,7 @@ def layer_parameters(cfg: Config) -> int:
 def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
     """Whole-model counts (unsharded), using the TP-padded vocabulary."""
     m = cfg.model
-    vocab = pad_vocab(vocab_size, cfg)
+    vocab = pad_vocab(max(vocab_size, m.vocab_size), cfg)
     embedding = vocab * m.hidden_size
     position = m.max_seq_length * m.hidden_size if m.position_embedding == "learned" else 0
     final_norm = (2 if m.normalization == "layernorm" else 1) * m.hidden_size

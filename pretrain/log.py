@@ -7,7 +7,24 @@ import os
 import sys
 from pathlib import Path
 
+import warnings
+
 import torch.distributed as dist
+
+# Notices that do not apply to this system: megatron announcing Apex/TE fallbacks (spec.py
+# picks the backend explicitly) and a deprecated torch API that DeepSpeed calls.
+_IRRELEVANT_WARNINGS = (
+    r".*Transformer Engine and Apex are not installed.*",
+    r".*Apex is not installed.*",
+    r".*full scope is deprecated.*",
+    r".*all_gather_into_tensor. is deprecated.*",
+    r".*_reduce_scatter_base. is a private function.*",
+)
+
+
+def quiet_library_warnings() -> None:
+    for pattern in _IRRELEVANT_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def is_rank0() -> bool:

@@ -17,7 +17,7 @@ from pretrain.config import ConfigError, load_config, save_config, validate
 from pretrain.data.embedded import ByteTokenizer, embedded_tokens
 from pretrain.data.loader import GlobalBatchLoader, PackedTokens
 from pretrain.estimate import describe
-from pretrain.log import MetricsWriter, is_rank0, log
+from pretrain.log import MetricsWriter, is_rank0, log, quiet_library_warnings
 from pretrain.parallel import cpu, dist as pdist
 
 
@@ -29,11 +29,13 @@ def parse_args(argv=None):
                              "estimate, then exit")
     parser.add_argument("--world-size", type=int, default=None,
                         help="with --dry-run: plan for this many ranks instead of the launcher's")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    return parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides "
+                        "(model.preset=NAME swaps in configs/model/NAME.yaml)")
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
+    quiet_library_warnings()
     args = parse_args(argv)
     env = pdist.detect_env()
     tokenizer = ByteTokenizer()
@@ -41,12 +43,15 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         world = args.world_size if (args.dry_run and args.world_size) else env.world_size
-        layout = validate(cfg, world_size=world, vocab_size=tokenizer.vocab_size, cuda=has_cuda)
+        # A dry run plans the GPU run: bf16 is allowed and `auto` resolves to it.
+        planning_cuda = has_cuda or args.dry_run
+        layout = validate(cfg, world_size=world, vocab_size=tokenizer.vocab_size,
+                          cuda=planning_cuda)
     except ConfigError as err:
         if env.rank == 0:
             print(f"config error: {err}", file=sys.stderr)
         return 2
-    bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and has_cuda)
+    bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and planning_cuda)
     if args.dry_run:
         import yaml
 
@@ -91,7 +96,7 @@ def main(argv=None) -> int:
     loader = GlobalBatchLoader(PackedTokens(tokens, cfg.train.seq_length),
                                cfg.train.global_batch_size, layout.micro_batch_size,
                                parallel_state.get_data_parallel_rank(), layout.data_parallel,
-                               cfg.train.seed)
+                               cfg.train.seed, cfg.data.repeat_first_batch)
     log(f"data: embedded corpus, {len(tokens):,} tokens (sha256 {corpus_sha[:12]}), "
         f"{len(loader.source):,} samples of {cfg.train.seq_length} tokens")
     metrics = MetricsWriter(run_dir)

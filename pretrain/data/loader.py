@@ -47,7 +47,7 @@ class GlobalBatchLoader:
     """Yields, per optimizer step, this rank's micro-batches of the next global batch."""
 
     def __init__(self, source: PackedTokens, global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, seed: int):
+                 dp_rank: int, dp_size: int, seed: int, repeat_first_batch: bool = False):
         if global_batch_size % (micro_batch_size * dp_size):
             raise ValueError("global batch must be a multiple of micro batch x data-parallel size")
         self.source = source
@@ -56,6 +56,7 @@ class GlobalBatchLoader:
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.seed = seed
+        self.repeat_first_batch = repeat_first_batch
         self.consumed_samples = 0
         self._epoch_order: tuple[int, np.ndarray] | None = None
 
@@ -74,7 +75,8 @@ class GlobalBatchLoader:
         per_rank = self.global_batch_size // self.dp_size
         start = self.consumed_samples + self.dp_rank * per_rank
         rows = np.stack([self.source[self.sample_index(start + i)] for i in range(per_rank)])
-        self.consumed_samples += self.global_batch_size
+        if not self.repeat_first_batch:
+            self.consumed_samples += self.global_batch_size
         rows_t = torch.from_numpy(rows.astype(np.int64))
         micro = []
         for first in range(0, per_rank, self.micro_batch_size):

@@ -1,0 +1,28 @@
+# `make demo` and `make test` each create .venv/ first when it is missing.
+# On a machine without CUDA the CPU build of torch is installed first, so that no dependency
+# can pull the multi-GB CUDA build; on GPU machines set TORCH_SPEC to your CUDA build.
+
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+TORCH_SPEC ?= torch==2.13.0
+NPROC ?= 2
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m pretrain.train --config configs/demo.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q tests
+
+clean:
+	rm -rf runs $(VENV)
