@@ -140,6 +140,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        # YAML 1.1 reads `3e-4` (no dot) as a string; accept anything float() parses.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}={value!r} must be a number")
     if annotation is str:
         if isinstance(value, str):

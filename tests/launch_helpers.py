@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_training(run_dir: Path, overrides: list[str], nproc: int = 1,
-                 config: str = "configs/smoke.yaml", timeout: int = 600) -> subprocess.CompletedProcess:
+                 config: str = "configs/smoke.yaml", timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                 "SLURM_PROCID", "SLURM_NTASKS"):
@@ -21,9 +22,20 @@ def run_training(run_dir: Path, overrides: list[str], nproc: int = 1,
     if nproc == 1:
         cmd = [sys.executable, "-m", "pretrain.train", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", "0", "-m", "pretrain.train", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        # --standalone: a local rendezvous on a free port, so parallel test runs don't collide.
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(nproc), "-m", "pretrain.train", *args]
+    # A new session lets a timeout kill the launcher *and* its ranks, never leaving orphans.
+    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as popen:
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            stdout, stderr = popen.communicate()
+            raise AssertionError(f"training timed out after {timeout}s: {' '.join(cmd)}\n"
+                                 f"--- stderr ---\n{stderr[-8000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     if proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}): {' '.join(cmd)}\n"
                              f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-8000:]}")

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.multiprocess
 
 # 8 global / 2 micro = 4 micro-batches on one rank, 2 per rank under DP2.
 COMMON = ["train.steps=6", "data.repeat_first_batch=true", "optim.warmup_steps=1",
+          "optim.lr=1e-2", "optim.min_lr=5e-3",
           "train.micro_batch_size=2", "train.global_batch_size=8"]
 # Same model and data, different reduction order: agreement to ~1e-6 is typical; 1e-4 leaves
 # room for summation-order effects while catching any scaling or routing bug (those are >1%).

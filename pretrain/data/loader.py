@@ -93,3 +93,4 @@ class GlobalBatchLoader:
     def load_state_dict(self, state: dict) -> None:
         self.consumed_samples = int(state["consumed_samples"])
         self.seed = int(state["seed"])
+        self._epoch_order = None  # the cached permutation belonged to the old seed

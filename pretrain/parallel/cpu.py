@@ -13,7 +13,8 @@ CUDA is absent (on a GPU machine it does nothing):
    that dropout actually draws from is the CPU default generator, so the tracker's
    get/set/seed functions are pointed at it. The tracker's semantics are unchanged:
    inside `fork()` the CPU generator holds the TP-rank-specific state, outside it the
-   data-parallel one.
+   data-parallel one. (megatron warns when the CPU generator moves inside a fork, which on
+   CPU is every dropout draw by construction; that one message is filtered.)
 4. `Tensor.cuda()` is called on the tied output-embedding copy of the last pipeline stage
    before its first all-reduce. It returns the tensor unchanged.
 5. Tensors created inside the schedules with `device="cuda"` (token counters). A
@@ -28,6 +29,7 @@ state, and the CPU equivalents do the same on the CPU.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -70,6 +72,8 @@ def enable() -> bool:
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     mcore_random._get_cuda_rng_state = _cpu_get_rng_state
     mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+    logging.getLogger(mcore_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage())
     _ENABLED = True
     return True
 
