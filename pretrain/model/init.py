@@ -99,11 +99,13 @@ def initialize(model, cfg, tp_rank: int, tp_size: int) -> None:
         is_fc1 = "mlp.linear_fc1." in name
         shape, take = _full_shape_and_slice(param, tp_rank, tp_size, gated, is_fc1)
         leaf = name.rsplit(".", 1)[-1]
-        is_norm = "norm" in name or "layernorm" in name
-        if is_norm and leaf == "weight":
+        # Local norms are `...norm.weight`; Transformer Engine fuses them into the next linear
+        # as `linear_qkv.layer_norm_weight` / `linear_fc1.layer_norm_bias`.
+        is_norm = "norm" in name
+        if is_norm and leaf.endswith("weight"):
             param.fill_(1.0)
             continue
-        if leaf == "bias":
+        if leaf.endswith("bias"):
             param.zero_()
             continue
         generator = torch.Generator().manual_seed(_seed_for(cfg.train.seed, name))
