@@ -82,7 +82,9 @@ class TrainConfig:
     global_batch_size: int = 8
     seq_length: int = 128
     log_interval: int = 1
-    sample_tokens: int = 0  # >0: print a greedy sample of this many tokens at the end
+    sample_tokens: int = 0  # >0: print a sampled continuation of this many tokens at the end
+    eval_interval: int = 0  # >0: validation loss every this many steps (and at the end)
+    eval_batches: int = 4  # global batches per validation (the same ones every time)
 
 
 @dataclass
@@ -99,8 +101,18 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    # "embedded": the built-in corpus (the standard library's own source), byte-tokenized.
-    train: str = "embedded"
+    # Training data: a shard directory written by data_tools/shard.py (or a URL prefix or a
+    # `{name}` template for `pipe:` commands), a list of them, or a weighted blend
+    # `[{path: A, weight: 0.7}, {path: B, weight: 0.3}]`. "embedded" is the built-in corpus.
+    train: list = field(default_factory=lambda: [{"path": "embedded", "weight": 1.0}])
+    # Validation data in the same forms; empty: the `val` split of the training sources.
+    valid: list = field(default_factory=list)
+    tokenizer: str = ""  # sentencepiece model for decoding samples; "": the manifest's
+    num_workers: int = 2  # threads reading and verifying shards ahead of use
+    verify_checksums: bool = True  # check each shard's size and sha256 against the manifest
+    # Per-document attention (block-diagonal causal mask) and positions restarting at each
+    # document, from the boundaries stored with every sample.
+    reset_attention: bool = False
     # Debugging aid (nanoGPT/llm.c "overfit one batch"): every step trains on the first global
     # batch again; a correct setup drives its loss towards zero.
     repeat_first_batch: bool = False
@@ -151,6 +163,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{where}={value!r} must be a string")
+    if annotation is list:
+        return _coerce_blend(value, where)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(annotation):
             try:
@@ -159,6 +173,26 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 continue
         raise ConfigError(f"{where}={value!r} has the wrong type ({annotation})")
     raise TypeError(f"unsupported annotation {annotation} for {where}")
+
+
+def _coerce_blend(value: Any, where: str) -> list[dict]:
+    """A path, a list of paths, or a list of {path, weight} -> [{path, weight}, ...]."""
+    if value in (None, "", []):
+        return []
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            item = {"path": item, "weight": 1.0}
+        if not isinstance(item, dict) or set(item) - {"path", "weight"} or "path" not in item:
+            raise ConfigError(f"{where}: {item!r} is not a path or a {{path: ..., weight: ...}} "
+                              f"mapping, e.g. {where}=[{{path: data/web, weight: 0.7}}]")
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise ConfigError(f"{where}: weight {weight!r} of {item['path']!r} must be a "
+                              f"positive number")
+        out.append({"path": str(item["path"]), "weight": float(weight)})
+    return out
 
 
 def _section_types(cls) -> dict[str, Any]:
@@ -357,8 +391,14 @@ def validate(cfg: Config, world_size: int | None = None, vocab_size: int | None 
                           f"{m.max_seq_length}; lower seq_length or raise max_seq_length")
     if p.precision == "bf16" and not cuda:
         raise ConfigError("parallel.precision=bf16 needs a GPU; use precision=auto (fp32 on CPU)")
-    if cfg.data.train != "embedded":
-        raise ConfigError(f"data.train={cfg.data.train!r}: only 'embedded' is supported so far")
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty; give a shard directory from data_tools/shard.py "
+                          "or 'embedded'")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers={cfg.data.num_workers} must not be negative")
+    if t.eval_interval < 0 or t.eval_batches < 1:
+        raise ConfigError(f"train.eval_interval={t.eval_interval} must be >= 0 and "
+                          f"train.eval_batches={t.eval_batches} >= 1")
     if t.micro_batch_size > t.global_batch_size:
         raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} exceeds "
                           f"train.global_batch_size={t.global_batch_size}")

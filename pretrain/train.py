@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from pretrain.config import ConfigError, load_config, save_config, validate
-from pretrain.data.embedded import ByteTokenizer, embedded_tokens
-from pretrain.data.loader import GlobalBatchLoader, PackedTokens
+from pretrain.data.build import build_loaders, build_tokenizer, open_data
+from pretrain.data.sources import DataError
 from pretrain.estimate import describe
 from pretrain.log import MetricsWriter, is_rank0, log, quiet_library_warnings
 from pretrain.parallel import cpu, dist as pdist
@@ -38,18 +38,22 @@ def main(argv=None) -> int:
     quiet_library_warnings()
     args = parse_args(argv)
     env = pdist.detect_env()
-    tokenizer = ByteTokenizer()
     has_cuda = torch.cuda.is_available()
     try:
         cfg = load_config(args.config, args.overrides)
         world = args.world_size if (args.dry_run and args.world_size) else env.world_size
         # A dry run plans the GPU run: bf16 is allowed and `auto` resolves to it.
         planning_cuda = has_cuda or args.dry_run
-        layout = validate(cfg, world_size=world, vocab_size=tokenizer.vocab_size,
-                          cuda=planning_cuda)
+        validate(cfg, cuda=planning_cuda)  # config alone, before touching any data
+        data = open_data(cfg)
+        layout = validate(cfg, world_size=world, vocab_size=data.vocab_size, cuda=planning_cuda)
     except ConfigError as err:
         if env.rank == 0:
             print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:
+        if env.rank == 0:
+            print(f"data error: {err}", file=sys.stderr)
         return 2
     bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and planning_cuda)
     if args.dry_run:
@@ -57,7 +61,7 @@ def main(argv=None) -> int:
 
         if env.rank == 0:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
-            print(describe(cfg, tokenizer.vocab_size, world, bf16))
+            print(describe(cfg, data.vocab_size, world, bf16))
         return 0
 
     cpu.enable()
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
     if is_rank0():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        log(describe(cfg, tokenizer.vocab_size, env.world_size, bf16))
+        log(describe(cfg, data.vocab_size, env.world_size, bf16))
     device = torch.device("cuda", torch.cuda.current_device()) if has_cuda else torch.device("cpu")
     dtype = torch.bfloat16 if bf16 else torch.float32
 
@@ -92,25 +96,31 @@ def main(argv=None) -> int:
     # chunks directly and reduces at engine.step().
     model_proxies = proxies(zero.engine, chunks, through_engine=p.zero_stage > 0)
 
-    tokens, corpus_sha = embedded_tokens()
-    loader = GlobalBatchLoader(PackedTokens(tokens, cfg.train.seq_length),
-                               cfg.train.global_batch_size, layout.micro_batch_size,
-                               parallel_state.get_data_parallel_rank(), layout.data_parallel,
-                               cfg.train.seed, cfg.data.repeat_first_batch)
-    log(f"data: embedded corpus, {len(tokens):,} tokens (sha256 {corpus_sha[:12]}), "
-        f"{len(loader.source):,} samples of {cfg.train.seq_length} tokens")
+    loader, valid_loader = build_loaders(cfg, data, layout.micro_batch_size,
+                                         parallel_state.get_data_parallel_rank(),
+                                         layout.data_parallel)
+    for source, weight in zip(data.train, data.train_weights):
+        log(f"data: {source.name} weight {weight:g}: {source.num_samples:,} samples of "
+            f"{source.seq_len} tokens in {len(source.shard_samples)} shards")
     metrics = MetricsWriter(run_dir)
-    trainer = Trainer(cfg, layout, zero, chunks, model_proxies, loader, metrics, device)
+    trainer = Trainer(cfg, layout, zero, chunks, model_proxies, loader, metrics, device,
+                      valid_loader=valid_loader,
+                      eval_proxies=proxies(zero.engine, chunks, through_engine=False))
     try:
         trainer.fit()
-        if cfg.train.sample_tokens > 0:
+        tokenizer = build_tokenizer(cfg, data)
+        if cfg.train.sample_tokens > 0 and tokenizer is None:
+            log("no sample: the tokenizer named in the manifest is not readable here; "
+                "set data.tokenizer=PATH.model")
+        elif cfg.train.sample_tokens > 0:
             prompt = tokenizer.encode("def ")
             out = sample(proxies(zero.engine, chunks, through_engine=False), prompt,
-                         cfg.train.sample_tokens, cfg.train.seq_length, tokenizer.vocab_size,
+                         cfg.train.sample_tokens, cfg.train.seq_length, data.vocab_size,
                          cfg.train.seed, device)
             log("---- sample ----\n" + tokenizer.decode(prompt + out) + "\n----------------")
     finally:
         metrics.close()
+        loader.close()
     log(f"run directory: {run_dir.resolve()}")
     pdist.destroy()
     return 0

@@ -41,6 +41,8 @@ class Trainer:
     loader: object
     metrics: MetricsWriter
     device: torch.device
+    valid_loader: object = None
+    eval_proxies: list = None
     state: TrainState = field(default_factory=TrainState)
     history: list = field(default_factory=list)
 
@@ -58,7 +60,29 @@ class Trainer:
     def _to_device(self, micro):
         if self.device.type == "cpu":
             return micro
-        return type(micro)(*(t.to(self.device, non_blocking=True) for t in vars(micro).values()))
+        return type(micro)(*(None if t is None else t.to(self.device, non_blocking=True)
+                             for t in vars(micro).values()))
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over the same `eval_batches` global batches every time."""
+        loader = self.valid_loader
+        loader.load_state_dict({**loader.state_dict(), "position": 0,
+                                "consumed": [0] * len(loader.sources)})
+        for chunk in self.chunks:
+            chunk.eval()
+        total, tokens = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for _ in range(self.cfg.train.eval_batches):
+            micro_batches = [self._to_device(mb) for mb in loader.next_step()]
+            # Through the chunks directly: no gradients, so no DeepSpeed backward hooks.
+            loss_sum, num_tokens = forward_backward(
+                self.eval_proxies, micro_batches, self.cfg.train.seq_length,
+                self.layout.micro_batch_size, forward_only=True)
+            total += loss_sum
+            tokens += num_tokens
+        for chunk in self.chunks:
+            chunk.train()
+        return global_mean_loss(total, tokens, self.device)
 
     def fit(self) -> None:
         t = self.cfg.train
@@ -77,11 +101,16 @@ class Trainer:
             record = {"step": self.state.step, "loss": out["loss"], "lr": out["lr"],
                       "grad_norm": out["grad_norm"], "tokens": self.state.tokens,
                       "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed}
+            evaluating = self.valid_loader is not None and (
+                self.state.step % t.eval_interval == 0 or self.state.step == last)
+            if evaluating:
+                record["val_loss"] = self.evaluate()
             self.history.append(record)
-            if self.state.step % t.log_interval == 0 or self.state.step == last:
+            if self.state.step % t.log_interval == 0 or self.state.step == last or evaluating:
                 self.metrics.write(record)
+                val = f" | val_loss {record['val_loss']:.4f}" if evaluating else ""
                 log(f"step {self.state.step:>6}/{t.steps} | loss {out['loss']:.4f} | "
                     f"lr {out['lr']:.3e} | grad_norm {out['grad_norm']:.3f} | "
-                    f"tokens/s {record['tokens_per_s']:,.0f}")
+                    f"tokens/s {record['tokens_per_s']:,.0f}{val}")
             if not math.isfinite(out["loss"]):
                 raise FloatingPointError(f"loss became {out['loss']} at step {self.state.step}")

@@ -1,38 +1,22 @@
-"""Global batches of packed samples, sliced for this data-parallel rank.
+"""Global batches from blended, shuffled shard sets, sliced for this data-parallel rank.
 
-The sample order is a pure function of (source, seed, epoch): a seeded permutation of
-sample indices per epoch. Global batch k is samples [k*B, (k+1)*B) of that order whatever
-the layout, and data-parallel rank r takes the r-th contiguous slice of it, so changing the
-number of ranks changes who computes a sample, never which samples form a step. TP and PP
-peers share a data-parallel rank and therefore receive identical batches. The state is one
-integer (samples consumed), saved with checkpoints.
+The global sample sequence is a pure function of (manifests, weights, seed): position p of
+the stream is assigned to a source by a deterministic weighted schedule, and source s's
+k-th sample comes from its epoch e = k // N_s, where shards are visited in a seeded
+permutation and samples within a shard in another (memory: the shards in flight, never
+the dataset). Global batch b is positions [b*B, (b+1)*B); data-parallel rank r takes the
+r-th contiguous slice. Nothing depends on the number of ranks or loader workers, so the
+state (samples consumed per source) resumes the exact sequence under any layout.
 """
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-
-class PackedTokens:
-    """A token stream cut into samples of seq_length+1 tokens (inputs plus shifted labels)."""
-
-    def __init__(self, tokens: np.ndarray, seq_length: int):
-        self.tokens = tokens
-        self.seq_length = seq_length
-        self.num_samples = (len(tokens) - 1) // seq_length
-        if self.num_samples < 1:
-            raise ValueError(f"corpus of {len(tokens)} tokens is shorter than one sample of "
-                             f"{seq_length + 1} tokens; lower train.seq_length")
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        start = index * self.seq_length
-        return self.tokens[start:start + self.seq_length + 1]
 
 
 @dataclass
@@ -41,56 +25,214 @@ class MicroBatch:
     labels: torch.Tensor  # [b, s] int64 targets (inputs shifted by one)
     loss_mask: torch.Tensor  # [b, s] float32, 1 where the label counts
     position_ids: torch.Tensor  # [b, s] int64
+    attention_mask: torch.Tensor | None = None  # [b, 1, s, s] bool, True = masked
 
 
-class GlobalBatchLoader:
-    """Yields, per optimizer step, this rank's micro-batches of the next global batch."""
+def _rng(*words: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64([int(w) & 0xFFFFFFFF for w in words]))
 
-    def __init__(self, source: PackedTokens, global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, seed: int, repeat_first_batch: bool = False):
+
+class SourceOrder:
+    """Where the k-th sample of one source lives: (shard index, row within the shard)."""
+
+    def __init__(self, source, seed: int, shuffle: bool):
+        self.source = source
+        self.seed = seed
+        self.shuffle = shuffle
+        self._digest_word = int(source.digest[:8], 16)
+        self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _epoch(self, epoch: int):
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            n = len(self.source.shard_samples)
+            order = _rng(self.seed, epoch, self._digest_word).permutation(n) if self.shuffle \
+                else np.arange(n)
+            ends = np.cumsum(self.source.shard_samples[order])
+            self._epoch_cache = (epoch, order, ends)
+        return self._epoch_cache[1], self._epoch_cache[2]
+
+    def locate(self, k: int) -> tuple[int, int, int]:
+        """(epoch, shard index, row) of the source's k-th sample."""
+        epoch, offset = divmod(k, self.source.num_samples)
+        order, ends = self._epoch(epoch)
+        j = int(np.searchsorted(ends, offset, side="right"))
+        within = offset - (int(ends[j - 1]) if j else 0)
+        shard = int(order[j])
+        if self.shuffle:
+            rows = _rng(self.seed, epoch, self._digest_word, shard).permutation(
+                int(self.source.shard_samples[shard]))
+            within = int(rows[within])
+        return epoch, shard, within
+
+    def upcoming_shards(self, k: int, count: int) -> list[int]:
+        """The shards the source will read next, starting at its k-th sample."""
+        out, position = [], k
+        while len(out) < count:
+            epoch, offset = divmod(position, self.source.num_samples)
+            order, ends = self._epoch(epoch)
+            j = int(np.searchsorted(ends, offset, side="right"))
+            out.append(int(order[j]))
+            position = (epoch * self.source.num_samples) + int(ends[j])
+        return out
+
+
+class ShardCache:
+    """Decoded shards of one source: the current ones plus `prefetch` read ahead in threads.
+    Bounded: shards not needed any more are evicted."""
+
+    def __init__(self, source, prefetch: int, pool: ThreadPoolExecutor | None):
+        self.source = source
+        self.prefetch = prefetch
+        self.pool = pool
+        self._futures: dict[int, object] = {}
+        self._lock = threading.Lock()
+
+    def get(self, shard: int):
+        with self._lock:
+            future = self._futures.get(shard)
+        if future is None:
+            return self._store(shard, self.source.load_shard(shard))
+        return future.result() if hasattr(future, "result") else future
+
+    def _store(self, shard, data):
+        with self._lock:
+            self._futures[shard] = data
+        return data
+
+    def keep_only(self, wanted: list[int]) -> None:
+        with self._lock:
+            for shard in list(self._futures):
+                if shard not in wanted:
+                    del self._futures[shard]
+            if self.pool is not None:
+                for shard in wanted:
+                    if shard not in self._futures:
+                        self._futures[shard] = self.pool.submit(self.source.load_shard, shard)
+
+
+class BlendedLoader:
+    """Per optimizer step, this rank's micro-batches of the next global batch."""
+
+    def __init__(self, sources: list, weights: list[float], seq_length: int, global_batch_size: int,
+                 micro_batch_size: int, dp_rank: int, dp_size: int, seed: int, shuffle: bool = True,
+                 num_workers: int = 0, reset_attention: bool = False,
+                 repeat_first_batch: bool = False):
         if global_batch_size % (micro_batch_size * dp_size):
             raise ValueError("global batch must be a multiple of micro batch x data-parallel size")
-        self.source = source
+        if len(sources) != len(weights) or not sources:
+            raise ValueError("need one weight per source")
+        if any(w <= 0 for w in weights):
+            raise ValueError(f"blend weights must be positive, got {weights}")
+        total = float(sum(weights))
+        self.weights = np.array([w / total for w in weights], dtype=np.float64)
+        self.sources = sources
+        self.orders = [SourceOrder(s, seed, shuffle) for s in sources]
+        self.seq_length = seq_length
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.seed = seed
+        self.reset_attention = reset_attention
         self.repeat_first_batch = repeat_first_batch
-        self.consumed_samples = 0
-        self._epoch_order: tuple[int, np.ndarray] | None = None
+        self.num_workers = num_workers
+        self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="shards") if num_workers else None
+        self._caches = [ShardCache(s, num_workers, self._pool) for s in sources]
+        self.consumed = np.zeros(len(sources), dtype=np.int64)  # samples drawn per source
+        self.position = 0  # global samples consumed
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if self._epoch_order is None or self._epoch_order[0] != epoch:
-            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
-            self._epoch_order = (epoch, rng.permutation(len(self.source)))
-        return self._epoch_order[1]
+    # -- the global sequence -------------------------------------------------------------
 
-    def sample_index(self, global_position: int) -> int:
-        """Index into the source of the sample at this position of the global stream."""
-        epoch, offset = divmod(global_position, len(self.source))
-        return int(self._order(epoch)[offset])
+    def _assign(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sources and per-source indices of the next `count` global positions.
+
+        Largest-deficit schedule: position p goes to the source furthest below its share
+        w_s * (p + 1). Deterministic, exact proportions at every prefix, and resumable from
+        the per-source counts alone.
+        """
+        counts = self.consumed.copy()
+        which = np.empty(count, dtype=np.int64)
+        index = np.empty(count, dtype=np.int64)
+        for i in range(count):
+            p = self.position + i
+            s = int(np.argmax(self.weights * (p + 1) - counts))
+            which[i], index[i] = s, counts[s]
+            counts[s] += 1
+        return which, index
+
+    def sample_ids(self, count: int) -> list[tuple[int, int, int]]:
+        """(source, epoch, key) of the next `count` global positions, without consuming."""
+        which, index = self._assign(count)
+        out = []
+        for s, k in zip(which, index):
+            epoch, shard, row = self.orders[s].locate(int(k))
+            first_key = int(self.sources[s].shard_samples[:shard].sum())
+            out.append((int(s), epoch, first_key + row))
+        return out
+
+    # -- one step --------------------------------------------------------------------------
 
     def next_step(self) -> list[MicroBatch]:
+        which, index = self._assign(self.global_batch_size)
         per_rank = self.global_batch_size // self.dp_size
-        start = self.consumed_samples + self.dp_rank * per_rank
-        rows = np.stack([self.source[self.sample_index(start + i)] for i in range(per_rank)])
+        mine = slice(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
+        rows, starts = [], []
+        for s, k in zip(which[mine], index[mine]):
+            _, shard, row = self.orders[s].locate(int(k))
+            data = self._caches[s].get(shard)
+            rows.append(data.tokens[row])
+            starts.append(data.doc_starts[row])
         if not self.repeat_first_batch:
-            self.consumed_samples += self.global_batch_size
-        rows_t = torch.from_numpy(rows.astype(np.int64))
-        micro = []
-        for first in range(0, per_rank, self.micro_batch_size):
+            np.add.at(self.consumed, which, 1)
+            self.position += self.global_batch_size
+        self._prefetch()
+        return self._micro_batches(np.stack(rows), starts)
+
+    def _prefetch(self) -> None:
+        for order, cache, k in zip(self.orders, self._caches, self.consumed):
+            cache.keep_only(order.upcoming_shards(int(k), 1 + self.num_workers))
+
+    def _micro_batches(self, rows: np.ndarray, starts: list[np.ndarray]) -> list[MicroBatch]:
+        s = self.seq_length
+        rows_t = torch.from_numpy(rows[:, :s + 1].astype(np.int64))
+        out = []
+        for first in range(0, len(rows), self.micro_batch_size):
             chunk = rows_t[first:first + self.micro_batch_size]
             tokens, labels = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
-            positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens).contiguous()
-            micro.append(MicroBatch(tokens, labels, torch.ones(tokens.shape, dtype=torch.float32),
-                                    positions))
-        return micro
+            positions = torch.arange(s).unsqueeze(0).repeat(len(chunk), 1)
+            mask = None
+            if self.reset_attention:
+                mask = torch.ones(len(chunk), 1, s, s, dtype=torch.bool).triu_(1)
+                for b, doc_starts in enumerate(starts[first:first + self.micro_batch_size]):
+                    for p in doc_starts:
+                        p = int(p)
+                        if p >= s:
+                            continue
+                        # tokens from p on belong to a new document: they neither see the
+                        # previous one nor count positions from the sample's start.
+                        mask[b, 0, p:, :p] = True
+                        positions[b, p:] -= positions[b, p].clone()
+            out.append(MicroBatch(tokens, labels, torch.ones(tokens.shape, dtype=torch.float32),
+                                  positions, mask))
+        return out
+
+    # -- state -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples, "seed": self.seed}
+        return {"position": int(self.position), "consumed": [int(c) for c in self.consumed],
+                "sources": [s.digest for s in self.sources], "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        self.consumed_samples = int(state["consumed_samples"])
-        self.seed = int(state["seed"])
-        self._epoch_order = None  # the cached permutation belonged to the old seed
+        if list(state["sources"]) != [s.digest for s in self.sources]:
+            raise ValueError("loader state belongs to different data sources (the blend or the "
+                             "shards changed); start a new run or restore the original data.train")
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"loader state was saved with seed {state['seed']}, this run uses "
+                             f"{self.seed}; set train.seed={state['seed']}")
+        self.position = int(state["position"])
+        self.consumed = np.array(state["consumed"], dtype=np.int64)
+        self._prefetch()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -67,8 +67,8 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss_bs: torch.Tensor):
 
 def _forward_step(data_iterator, model):
     micro = next(data_iterator)
-    output = model(input_ids=micro.tokens, position_ids=micro.position_ids, attention_mask=None,
-                   labels=micro.labels)
+    output = model(input_ids=micro.tokens, position_ids=micro.position_ids,
+                   attention_mask=micro.attention_mask, labels=micro.labels)
     return output, partial(_loss_func, micro.loss_mask)
 
 

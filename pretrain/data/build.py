@@ -1,0 +1,108 @@
+"""From `cfg.data` to opened sources, the train/validation loaders and the tokenizer.
+
+Sources are opened (manifests read and checked against each other) before any process
+group exists, so a missing directory, an unknown format version or a blend of corpora made
+with different tokenizers fails in one line at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pretrain.config import Config
+from pretrain.data.loader import BlendedLoader
+from pretrain.data.sources import DataError, open_source
+
+
+@dataclass
+class OpenedData:
+    train: list  # sources
+    train_weights: list[float]
+    valid: list
+    valid_weights: list[float]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.train[0].vocab_size
+
+
+def _open(items, split, seq_len, verify, optional=False):
+    sources, weights = [], []
+    for item in items:
+        try:
+            sources.append(open_source(item["path"], split, seq_len, verify))
+            weights.append(item["weight"])
+        except DataError as err:
+            if optional and "split with shards" in str(err):
+                continue
+            raise
+    return sources, weights
+
+
+def open_data(cfg: Config) -> OpenedData:
+    seq = cfg.train.seq_length
+    verify = cfg.data.verify_checksums
+    train, train_weights = _open(cfg.data.train, "train", seq, verify)
+    if cfg.data.valid:
+        valid, valid_weights = _open(cfg.data.valid, "val", seq, verify)
+    else:
+        valid, valid_weights = _open(cfg.data.train, "val", seq, verify, optional=True)
+    first = train[0]
+    for source in train[1:] + valid:
+        if source.tokenizer_sha256 != first.tokenizer_sha256:
+            raise DataError(f"{source.name} was tokenized with a different tokenizer "
+                            f"(sha256 {source.tokenizer_sha256[:12]}) than {first.name} "
+                            f"({first.tokenizer_sha256[:12]}); re-shard both with the same "
+                            f"--tokenizer before blending them")
+    for source in train + valid:
+        if source.seq_len < seq:
+            raise DataError(f"{source.name} holds samples of seq_len={source.seq_len}, shorter "
+                            f"than train.seq_length={seq}; re-shard with --seq-len {seq} or lower "
+                            f"train.seq_length")
+    return OpenedData(train, train_weights, valid, valid_weights)
+
+
+def build_loaders(cfg: Config, data: OpenedData, micro_batch_size: int, dp_rank: int,
+                  dp_size: int):
+    common = dict(seq_length=cfg.train.seq_length, global_batch_size=cfg.train.global_batch_size,
+                  micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                  seed=cfg.train.seed, reset_attention=cfg.data.reset_attention)
+    train = BlendedLoader(data.train, data.train_weights, shuffle=True,
+                          num_workers=cfg.data.num_workers,
+                          repeat_first_batch=cfg.data.repeat_first_batch, **common)
+    valid = None
+    if data.valid and cfg.train.eval_interval > 0:
+        # Unshuffled; the trainer rewinds it before every evaluation, so each one scores the
+        # same samples and the curve is comparable across steps and runs.
+        valid = BlendedLoader(data.valid, data.valid_weights, shuffle=False, num_workers=0,
+                              **common)
+    return train, valid
+
+
+class SentencePieceDecoder:
+    def __init__(self, path: str):
+        import sentencepiece
+
+        self.processor = sentencepiece.SentencePieceProcessor(model_file=path)
+        self.vocab_size = self.processor.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.processor.encode(text)
+
+    def decode(self, ids) -> str:
+        return self.processor.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+
+def build_tokenizer(cfg: Config, data: OpenedData):
+    """The tokenizer that made the data (for sampling text), or None when it is unavailable."""
+    from pathlib import Path
+
+    from pretrain.data.embedded import ByteTokenizer
+
+    source = data.train[0]
+    if source.tokenizer_sha256 == "byte-level":
+        return ByteTokenizer()
+    path = cfg.data.tokenizer or source.tokenizer_path
+    if not path or not Path(path).is_file():
+        return None
+    return SentencePieceDecoder(path)

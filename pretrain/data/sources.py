@@ -1,0 +1,185 @@
+"""Sample sources: sets of shards of packed samples that the loader draws from.
+
+`ShardSource` reads a directory (or URL prefix) written by data_tools/shard.py: the
+manifest, then tar shards through webdataset's tar iteration, each verified against the
+manifest's size and sha256. `EmbeddedSource` presents the built-in corpus the same way
+(in-memory "shards"), so the loader's ordering, blending and resume logic exist once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMAT = "pretrain-shards"
+SUPPORTED_VERSIONS = (1,)
+RESHARD_HINT = "re-run data_tools/shard.py to regenerate it"
+
+
+class DataError(RuntimeError):
+    """A dataset problem, naming the file and what to do about it."""
+
+
+@dataclass
+class ShardData:
+    tokens: np.ndarray  # [n, seq_len + 1] uint16/uint32
+    doc_starts: list[np.ndarray]  # per sample: positions where a new document starts
+    keys: np.ndarray  # [n] int64 sample keys (index within the split)
+
+
+def _url_for(prefix: str, name: str) -> str:
+    if "{name}" in prefix:
+        return prefix.replace("{name}", name)
+    return prefix.rstrip("/") + "/" + name
+
+
+def _read_url(url: str) -> bytes:
+    import webdataset as wds
+
+    try:
+        with wds.gopen(url, "rb") as stream:
+            return stream.read()
+    except FileNotFoundError:
+        raise DataError(f"{url}: no such file") from None
+    except Exception as err:  # gopen raises plain IOErrors for failed pipe: commands
+        raise DataError(f"{url}: cannot read ({err})") from None
+
+
+class ShardSource:
+    """One shard set (a split of a dataset directory written by shard.py).
+
+    `path` is a directory, a URL prefix, or a template containing `{name}`
+    (e.g. `pipe:aws s3 cp s3://bucket/ds/{name} -`).
+    """
+
+    def __init__(self, path: str, split: str = "train", verify: bool = True):
+        self.path = path
+        self.split = split
+        self.verify = verify
+        manifest_url = _url_for(path, "manifest.json")
+        try:
+            manifest = json.loads(_read_url(manifest_url))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{manifest_url}: not valid JSON ({err.msg}); {RESHARD_HINT}") from None
+        if manifest.get("format") != FORMAT:
+            raise DataError(f"{manifest_url}: not a shard manifest (format "
+                            f"{manifest.get('format')!r}, expected {FORMAT!r}); {RESHARD_HINT}")
+        version = manifest.get("format_version")
+        if version not in SUPPORTED_VERSIONS:
+            raise DataError(f"{manifest_url}: format_version {version!r} is not supported by this "
+                            f"reader (supports {', '.join(map(str, SUPPORTED_VERSIONS))}); "
+                            f"{RESHARD_HINT} or upgrade pretrain")
+        splits = manifest.get("splits", {})
+        if split not in splits or not splits[split].get("shards"):
+            raise DataError(f"{manifest_url}: no {split!r} split with shards (has: "
+                            f"{', '.join(sorted(splits)) or 'none'})")
+        self.manifest_url = manifest_url
+        self.seq_len = int(manifest["seq_len"])
+        self.dtype = np.dtype(manifest["token_dtype"]).newbyteorder("<")
+        self.eod_id = int(manifest["eod_id"])
+        self.tokenizer_sha256 = manifest["tokenizer"]["sha256"]
+        self.tokenizer_path = manifest["tokenizer"].get("path")
+        self.vocab_size = int(manifest["tokenizer"]["vocab_size"])
+        self.shards = splits[split]["shards"]
+        self.shard_samples = np.array([int(s["samples"]) for s in self.shards], dtype=np.int64)
+        self.num_samples = int(self.shard_samples.sum())
+        # Content-defined identity: the order of a dataset survives moving or renaming it.
+        self.digest = hashlib.sha256("".join(s["sha256"] for s in self.shards).encode()).hexdigest()
+
+    @property
+    def name(self) -> str:
+        return f"{self.path}[{self.split}]"
+
+    def load_shard(self, index: int) -> ShardData:
+        from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+        meta = self.shards[index]
+        url = _url_for(self.path, meta["name"])
+        data = _read_url(url)
+        if self.verify:
+            if len(data) != int(meta["bytes"]):
+                raise DataError(f"{url}: {len(data)} bytes, manifest says {meta['bytes']} "
+                                f"(truncated or replaced); {RESHARD_HINT}")
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != meta["sha256"]:
+                raise DataError(f"{url}: sha256 {digest[:16]}... does not match the manifest's "
+                                f"{meta['sha256'][:16]}...; the shard is corrupt, {RESHARD_HINT}")
+        width = self.seq_len + 1
+        n = int(meta["samples"])
+        tokens = np.empty((n, width), dtype=self.dtype)
+        doc_starts, keys = [], np.empty(n, dtype=np.int64)
+        try:
+            members = ({**member, "__url__": url} for member in tar_file_iterator(io.BytesIO(data)))
+            samples = group_by_keys(members)
+            for i, sample in enumerate(samples):
+                if i >= n:
+                    raise DataError(f"{url}: more samples than the manifest's {n}; {RESHARD_HINT}")
+                row = np.frombuffer(sample["tokens"], dtype=self.dtype)
+                if row.shape[0] != width:
+                    raise DataError(f"{url}: sample {sample['__key__']} has {row.shape[0]} tokens, "
+                                    f"expected seq_len+1 = {width}; {RESHARD_HINT}")
+                tokens[i] = row
+                doc_starts.append(np.frombuffer(sample.get("doc_starts", b""), dtype="<u4"))
+                keys[i] = int(sample["__key__"])
+        except DataError:
+            raise
+        except Exception as err:  # tarfile.ReadError, KeyError on a missing member, ...
+            raise DataError(f"{url}: unreadable shard ({type(err).__name__}: {err}); "
+                            f"{RESHARD_HINT}") from None
+        if len(doc_starts) != n:
+            raise DataError(f"{url}: {len(doc_starts)} samples, manifest says {n}; {RESHARD_HINT}")
+        expected = np.arange(int(meta["first_key"]), int(meta["first_key"]) + n)
+        if not np.array_equal(keys, expected):
+            raise DataError(f"{url}: sample keys are not the contiguous range starting at "
+                            f"{meta['first_key']}; {RESHARD_HINT}")
+        return ShardData(tokens, doc_starts, keys)
+
+
+class EmbeddedSource:
+    """The built-in corpus (byte-level tokens) cut into samples and in-memory shards."""
+
+    SHARD_SAMPLES = 1024
+
+    def __init__(self, seq_len: int, split: str = "train", val_fraction: float = 0.02):
+        from pretrain.data.embedded import BYTE_VOCAB_SIZE, EOD_ID, embedded_tokens
+
+        tokens, corpus_sha = embedded_tokens()
+        width = seq_len + 1
+        total = (len(tokens) - 1) // seq_len
+        # Contiguous val tail (whole samples) so train and val never share a sample.
+        num_val = max(1, int(total * val_fraction))
+        first, count = (0, total - num_val) if split == "train" else (total - num_val, num_val)
+        if count < 1:
+            raise DataError(f"embedded corpus too small for seq_length={seq_len}")
+        starts = (first + np.arange(count)) * seq_len
+        self._rows = tokens[starts[:, None] + np.arange(width)[None, :]]
+        self.name = f"embedded[{split}]"
+        self.split = split
+        self.seq_len = seq_len
+        self.eod_id = EOD_ID
+        self.vocab_size = BYTE_VOCAB_SIZE
+        self.tokenizer_sha256 = "byte-level"
+        self.tokenizer_path = None
+        n_shards = -(-count // self.SHARD_SAMPLES)
+        self.shard_samples = np.array(
+            [min(self.SHARD_SAMPLES, count - i * self.SHARD_SAMPLES) for i in range(n_shards)],
+            dtype=np.int64)
+        self.num_samples = count
+        self.digest = hashlib.sha256(f"{corpus_sha}/{seq_len}/{split}".encode()).hexdigest()
+
+    def load_shard(self, index: int) -> ShardData:
+        lo = index * self.SHARD_SAMPLES
+        rows = self._rows[lo:lo + int(self.shard_samples[index])]
+        width = self.seq_len + 1
+        doc_starts = [np.flatnonzero(row[:width - 1] == self.eod_id).astype("<u4") + 1 for row in rows]
+        return ShardData(rows, doc_starts, np.arange(lo, lo + len(rows), dtype=np.int64))
+
+
+def open_source(path: str, split: str, seq_len: int, verify: bool = True):
+    if path == "embedded":
+        return EmbeddedSource(seq_len, split)
+    return ShardSource(path, split, verify)
