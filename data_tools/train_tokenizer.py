@@ -1,0 +1,484 @@
+"""Train the project's sentencepiece tokenizer (byte fallback, fixed special ids) on .txt and
+.jsonl(.gz) files, deterministically, and write PREFIX.model with its card PREFIX.json.
+
+    python data_tools/train_tokenizer.py --input corpus/ 'more/*.jsonl.gz' \\
+        --vocab-size 32000 --output tokenizers/tok32k [--model-type bpe|unigram]
+
+Choices, and why (the card's "settings" records every option passed to sentencepiece):
+
+* Normalization is `identity`, with no dummy prefix and no whitespace folding, so that
+  decode(encode(text)) == text for any text. sentencepiece's default `nmt_nfkc` turns tabs and
+  newlines into spaces and NFKC-folds characters (U+FB01 "fi" -> "fi"), which breaks source
+  code and makes the data a model sees differ from the data on disk. Runs of spaces may become
+  pieces of their own (indentation is common and worth a token).
+* No dummy prefix: the trainer sees lines, but shard.py encodes whole documents, where a line
+  does not start after a space; with a prefix, line-initial words would be learnt as "_word"
+  and then rarely match. Without it both sides see the same thing.
+* Sampling is ours, not sentencepiece's (whose input_sentence_size sampling is randomized):
+  sentences are read in sorted-path, file order and, above --max-sentences, a uniform subset is
+  drawn by reservoir sampling with numpy's PCG64(--seed), fed in corpus order.
+* num_threads=1: unigram training gives different pieces for different thread counts (BPE
+  does not, but one setting for both keeps the guarantee simple). Same inputs and flags give a
+  byte-identical .model.
+* sentencepiece silently drops sentences longer than max_sentence_length (4192 bytes): long
+  lines are cut at UTF-8 character boundaries, preferably before whitespace, and counted.
+* The model is written from memory (model_writer), not by sentencepiece to model_prefix:
+  the model file records model_prefix, so the bytes would depend on the output path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import tempfile
+import zlib
+from glob import glob
+from pathlib import Path
+
+import numpy as np
+
+# Run as `python data_tools/train_tokenizer.py`: sys.path[0] is data_tools/, not the repo root.
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+from data_tools.tokenizer_lib import (CARD_FORMAT, CARD_VERSION, SPECIAL_IDS,  # noqa: E402
+                                      card_path, file_sha256)
+
+SUPPORTED = (".txt", ".jsonl", ".jsonl.gz")
+MAX_SENTENCE_BYTES = 4192  # sentencepiece's max_sentence_length default, passed explicitly
+BYTE_PIECES = 256
+MIN_VOCAB = len(SPECIAL_IDS) + BYTE_PIECES + 1  # specials, byte fallback, at least one character
+
+
+class InputError(ValueError):
+    """Bad input or flags, stated as one line: the file or flag, the value and the fix."""
+
+
+# ---------------------------------------------------------------- inputs
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((ext for ext in sorted(SUPPORTED, key=len, reverse=True) if name.endswith(ext)), None)
+
+
+def _supported_list() -> str:
+    return ", ".join(SUPPORTED)
+
+
+def expand_inputs(specs: list[str]) -> tuple[list[Path], int]:
+    """Files, directories (searched recursively, hidden entries skipped) and globs -> the input
+    files, sorted by resolved path so the order never depends on how they were named; also
+    returns how many files in directories were skipped for their extension."""
+    found: dict[str, Path] = {}
+    skipped = 0
+
+    def add(path: Path, spec: str) -> None:
+        if _kind(path) is None:
+            raise InputError(f"{path}: unsupported file type (from --input {spec}); "
+                             f"supported: {_supported_list()}")
+        found.setdefault(str(path.resolve()), path)
+
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            before = len(found)
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    child = Path(root) / name
+                    if name.startswith(".") or _kind(child) is None:
+                        skipped += 1
+                    else:
+                        add(child, spec)
+            if len(found) == before:
+                raise InputError(f"--input {spec}: directory holds no {_supported_list()} files")
+        elif path.is_file():
+            add(path, spec)
+        elif any(ch in spec for ch in "*?["):
+            matches = sorted(Path(m) for m in glob(spec, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise InputError(f"--input {spec!r}: the pattern matches no files")
+            for match in matches:
+                add(match, spec)
+        else:
+            raise InputError(f"--input {spec}: no such file or directory; pass files, directories "
+                             f"or quoted globs of {_supported_list()} files")
+    return [found[key] for key in sorted(found)], skipped
+
+
+class _HashingReader(io.RawIOBase):
+    """Passes a file's raw bytes through a sha256, so inputs are hashed in the one read."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.raw.readinto(buffer)
+        if n:
+            self.digest.update(memoryview(buffer)[:n])
+            self.size += n
+        return n
+
+
+class CorpusStats:
+    def __init__(self):
+        self.documents = 0
+        self.empty_lines = 0  # skipped: an empty sentence teaches the trainer nothing
+        self.sentences = 0
+        self.long_lines_split = 0
+        self.long_line_chunks = 0
+        self.utf8_repaired = 0  # documents whose invalid UTF-8 became U+FFFD
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def _decode(raw: bytes) -> tuple[str, bool]:
+    """UTF-8 text, and whether invalid bytes had to be replaced (U+FFFD) to get it."""
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), True
+
+
+def _documents(path: Path, kind: str, stream, text_key: str, stats: CorpusStats):
+    """Yield the text of each document: a .txt file is one document; a .jsonl line is one."""
+    if kind == ".txt":
+        # Streamed line by line (a .txt may be large); the file is still one document.
+        stats.documents += 1
+        repaired = False
+        for raw in stream:
+            text, bad = _decode(raw[:-1] if raw.endswith(b"\n") else raw)
+            repaired |= bad
+            yield text
+        stats.utf8_repaired += repaired
+        return
+    for number, raw in enumerate(stream, start=1):
+        if not raw.strip():
+            continue
+        try:
+            line, repaired = _decode(raw)
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path} line {number}: not valid JSON ({err.msg}); each line of a "
+                             f".jsonl file must be one JSON object") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{path} line {number}: expected a JSON object, got "
+                             f"{type(record).__name__}")
+        if text_key not in record:
+            fields = ", ".join(sorted(map(str, record))) or "none"
+            raise InputError(f"{path} line {number}: no {text_key!r} field (fields: {fields}); "
+                             f"pass --text-key with the field that holds the text")
+        text = record[text_key]
+        if not isinstance(text, str):
+            raise InputError(f"{path} line {number}: field {text_key!r} is "
+                             f"{type(text).__name__}, not a string; pass --text-key naming a text field")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates from JSON escapes such as "\ud800"
+            repaired = True
+            text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        stats.documents += 1
+        stats.utf8_repaired += repaired
+        yield text
+
+
+def split_long_line(line: str, limit: int = MAX_SENTENCE_BYTES) -> list[str]:
+    """Cut a line into pieces of at most `limit` UTF-8 bytes, at character boundaries and, where
+    the last half of a piece has one, just before whitespace (so words stay whole and the
+    whitespace starts the next piece, as it would inside a line)."""
+    if len(line) * 4 <= limit:  # cheap: no character takes more than 4 bytes
+        return [line]
+    data = line.encode("utf-8")
+    if len(data) <= limit:
+        return [line]
+    chunks, start = [], 0
+    while len(data) - start > limit:
+        end = start + limit
+        while data[end] & 0xC0 == 0x80:  # a continuation byte: back up to a character start
+            end -= 1
+        cut = max(data.rfind(b" ", start + limit // 2, end), data.rfind(b"\t", start + limit // 2, end))
+        if cut > start:
+            end = cut
+        chunks.append(data[start:end].decode("utf-8"))
+        start = end
+    chunks.append(data[start:].decode("utf-8"))
+    return chunks
+
+
+class ReservoirSampler:
+    """A uniform sample of at most `capacity` items from a stream (Algorithm R), drawn with
+    numpy's PCG64(seed): the same stream and seed always give the same sample, in stream
+    order, in memory bounded by the capacity rather than by the corpus."""
+
+    _BATCH = 1 << 16
+
+    def __init__(self, capacity: int, seed: int):
+        self.capacity = capacity
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.items: list[str] = []
+        self.positions: list[int] = []
+        self.seen = 0
+        self._draws: list[int] = []
+
+    def add(self, item: str) -> None:
+        i = self.seen
+        self.seen += 1
+        if i < self.capacity:
+            self.items.append(item)
+            self.positions.append(i)
+            return
+        if not self._draws:
+            # Draws for items i .. i+B-1, each uniform in [0, its index]; batched for speed.
+            highs = np.arange(i + 1, i + 1 + self._BATCH, dtype=np.int64)
+            self._draws = self.rng.integers(0, highs).tolist()[::-1]
+        j = self._draws.pop()
+        if j < self.capacity:
+            self.items[j] = item
+            self.positions[j] = i
+
+    def sample(self) -> list[str]:
+        if self.seen <= self.capacity:
+            return self.items
+        order = sorted(range(len(self.items)), key=self.positions.__getitem__)
+        return [self.items[k] for k in order]
+
+
+def collect_sentences(paths: list[Path], text_key: str, sampler: ReservoirSampler,
+                      stats: CorpusStats) -> list[dict]:
+    """Read every input in order, feeding its non-empty lines (long ones split) to the sampler;
+    returns the card's inputs list."""
+    inputs = []
+    for path in paths:
+        kind = _kind(path)
+        try:
+            with open(path, "rb") as raw:
+                hashing = _HashingReader(raw)
+                buffered = io.BufferedReader(hashing, 1 << 20)
+                stream = gzip.GzipFile(fileobj=buffered, mode="rb") if kind.endswith(".gz") else buffered
+                try:
+                    for text in _documents(path, kind, stream, text_key, stats):
+                        for line in text.split("\n"):
+                            if not line:
+                                stats.empty_lines += 1
+                                continue
+                            pieces = split_long_line(line)
+                            if len(pieces) > 1:
+                                stats.long_lines_split += 1
+                                stats.long_line_chunks += len(pieces)
+                            for piece in pieces:
+                                stats.sentences += 1
+                                sampler.add(piece)
+                except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+                    raise InputError(f"{path}: not a valid gzip file ({err}); re-compress it or "
+                                     f"pass the uncompressed .jsonl") from None
+                while buffered.read(1 << 20):  # hash any bytes the reader did not need
+                    pass
+        except OSError as err:
+            raise InputError(f"{path}: cannot read ({err.strerror or err})") from None
+        inputs.append({"path": str(path), "bytes": hashing.size, "sha256": hashing.digest.hexdigest()})
+    return inputs
+
+
+# ---------------------------------------------------------------- training
+
+def sentencepiece_options(args) -> dict:
+    """Every option passed to sentencepiece (recorded in the card as they are here)."""
+    return {
+        "model_type": args.model_type,
+        "vocab_size": args.vocab_size,
+        "character_coverage": args.character_coverage,
+        "byte_fallback": True,
+        "split_digits": True,
+        "pad_id": SPECIAL_IDS["pad"], "unk_id": SPECIAL_IDS["unk"],
+        "bos_id": SPECIAL_IDS["bos"], "eos_id": SPECIAL_IDS["eos"],
+        "pad_piece": "<pad>", "unk_piece": "<unk>", "bos_piece": "<s>", "eos_piece": "</s>",
+        "normalization_rule_name": "identity",
+        "add_dummy_prefix": False,
+        "remove_extra_whitespaces": False,
+        "allow_whitespace_only_pieces": True,
+        "split_by_whitespace": True,
+        "max_sentence_length": MAX_SENTENCE_BYTES,
+        "input_sentence_size": 0,  # take every sentence given: the sampling is ours
+        "shuffle_input_sentence": False,
+        "num_threads": 1,
+        "hard_vocab_limit": True,  # exactly --vocab-size pieces, or an error
+        "minloglevel": 2,  # errors only: sentencepiece's progress log would drown the summary
+    }
+
+
+def _rephrase(err: Exception, args) -> InputError | None:
+    """sentencepiece's vocabulary-size errors, as the flag to change and a value that works."""
+    message = str(err)
+    high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
+    if high:
+        return InputError(f"--vocab-size {args.vocab_size} is more than this text supports with "
+                          f"--model-type {args.model_type}; use --vocab-size {high.group(2)} or "
+                          f"less, or train on more text")
+    low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
+    if low:
+        return InputError(f"--vocab-size {args.vocab_size} is too small for the special ids, "
+                          f"{BYTE_PIECES} byte pieces and the characters --character-coverage "
+                          f"{args.character_coverage} keeps; use --vocab-size {low.group(2)} or more, "
+                          f"or lower --character-coverage")
+    return None
+
+
+def train_model(sentences: list[str], options: dict, seed: int, args) -> bytes:
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(seed)  # sentencepiece's own RNG, in case any path uses it
+    writer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=writer,
+                                       **options)
+    except RuntimeError as err:
+        rephrased = _rephrase(err, args)
+        if rephrased is not None:
+            raise rephrased from None
+        raise
+    return writer.getvalue()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, then rename: readers see the old file
+    or the whole new one, never a partial one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the outputs are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------- command line
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other input error of this tool
+        print(f"error: {message}; see --help", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv=None):
+    parser = _Parser(description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, nargs="+", action="extend",
+                        help=f"files, directories or quoted globs ({_supported_list()})")
+    parser.add_argument("--vocab-size", required=True, type=int, help="pieces, specials included")
+    parser.add_argument("--output", required=True, help="PREFIX: writes PREFIX.model and PREFIX.json")
+    parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    parser.add_argument("--max-sentences", type=int, default=2_000_000,
+                        help="above this many lines, train on a seeded uniform sample of them")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sentence sample")
+    parser.add_argument("--text-key", default="text", help="the text field of .jsonl records")
+    parser.add_argument("--character-coverage", type=float, default=0.9995,
+                        help="share of characters that get pieces, in [0.98, 1]; the rarest "
+                             "fall back to bytes")
+    return parser.parse_args(argv)
+
+
+def check_args(args) -> Path:
+    """Flag checks that need no data; returns the output prefix."""
+    if args.vocab_size < MIN_VOCAB:
+        raise InputError(f"--vocab-size {args.vocab_size} is too small: {len(SPECIAL_IDS)} special "
+                         f"ids and {BYTE_PIECES} byte-fallback pieces come first; use at least "
+                         f"{MIN_VOCAB} (more like 32000 for a real corpus)")
+    if args.max_sentences < 1:
+        raise InputError(f"--max-sentences {args.max_sentences} must be at least 1")
+    if args.seed < 0:
+        raise InputError(f"--seed {args.seed} must not be negative")
+    if not 0.98 <= args.character_coverage <= 1.0:  # sentencepiece's own bounds
+        raise InputError(f"--character-coverage {args.character_coverage} must be in [0.98, 1], "
+                         f"e.g. 0.9995 (or 1.0 for a small alphabet)")
+    if not args.text_key:
+        raise InputError("--text-key must not be empty; pass the .jsonl field that holds the text")
+    prefix = args.output[:-len(".model")] if args.output.endswith(".model") else args.output
+    if not Path(prefix).name or Path(prefix).is_dir():
+        raise InputError(f"--output {args.output} is a directory; pass a prefix such as "
+                         f"{Path(args.output) / 'tok'}")
+    return Path(prefix)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        prefix = check_args(args)
+        paths, skipped = expand_inputs(args.input)
+        stats = CorpusStats()
+        sampler = ReservoirSampler(args.max_sentences, args.seed)
+        inputs = collect_sentences(paths, args.text_key, sampler, stats)
+        if stats.sentences == 0:
+            raise InputError(f"the {len(paths)} input file(s) hold no text ({stats.documents} "
+                             f"documents, all empty); check --input"
+                             + ("" if any(_kind(p) == ".txt" for p in paths) else " and --text-key"))
+        sentences = sampler.sample()
+        options = sentencepiece_options(args)
+        model = train_model(sentences, options, args.seed, args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # a sentencepiece failure not caused by a flag we know of
+        print(f"error: sentencepiece training failed: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+
+    import sentencepiece as spm
+
+    model_path = prefix.with_name(prefix.name + ".model")
+    card_file = card_path(model_path)
+    try:
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        # A card left from an earlier model must not describe the new one, even for a moment.
+        card_file.unlink(missing_ok=True)
+        write_atomic(model_path, model)
+    except OSError as err:
+        print(f"error: cannot write {model_path} ({err.strerror or err}); check --output",
+              file=sys.stderr)
+        return 2
+    sha256 = file_sha256(model_path)
+    vocab_size = spm.SentencePieceProcessor(model_proto=model).GetPieceSize()
+    card = {
+        "format": CARD_FORMAT, "format_version": CARD_VERSION,
+        "model_file": model_path.name, "sha256": sha256,
+        "vocab_size": vocab_size, "model_type": args.model_type,
+        "special_ids": dict(SPECIAL_IDS),
+        "settings": {**options, "seed": args.seed, "max_sentences": args.max_sentences,
+                     "sample_size": len(sentences), "text_key": args.text_key,
+                     "sentencepiece_version": spm.__version__},
+        "corpus": {**stats.as_dict(), "files": len(paths), "sentences_used": len(sentences)},
+        "inputs": inputs,
+    }
+    write_atomic(card_file, (json.dumps(card, indent=2) + "\n").encode("utf-8"))
+
+    sampled = f", a seed-{args.seed} sample" if len(sentences) < stats.sentences else ""
+    print(f"trained a {args.model_type} tokenizer of {vocab_size} pieces on {len(sentences):,} of "
+          f"{stats.sentences:,} sentences{sampled} ({stats.documents:,} documents in "
+          f"{len(paths)} files)")
+    if stats.long_lines_split:
+        print(f"  {stats.long_lines_split:,} line(s) over {MAX_SENTENCE_BYTES} bytes split into "
+              f"{stats.long_line_chunks:,} sentences")
+    if skipped:
+        print(f"  skipped {skipped} files in input directories (not {_supported_list()})")
+    print(f"  model: {model_path}  sha256 {sha256[:16]}")
+    print(f"  card:  {card_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

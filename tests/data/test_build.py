@@ -1,0 +1,52 @@
+"""Opening `cfg.data`: blends are checked against each other before anything is built."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pretrain.config import load_config
+from pretrain.data.build import build_loaders, open_data
+from pretrain.data.sources import DataError
+from tests.data.shard_writer import write_dataset
+from tests.launch_helpers import REPO
+
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+def _cfg(*overrides):
+    return load_config(SMOKE, list(overrides))
+
+
+def test_blend_of_different_tokenizers_is_refused(tmp_path):
+    a = write_dataset(tmp_path / "a", 32, [10], tokenizer_sha="aaaa1111")
+    b = write_dataset(tmp_path / "b", 32, [10], tokenizer_sha="bbbb2222")
+    cfg = _cfg(f"data.train=[{{path: {a}, weight: 1}}, {{path: {b}, weight: 1}}]")
+    with pytest.raises(DataError, match=r"b\[train\] was tokenized with a different tokenizer"):
+        open_data(cfg)
+
+
+def test_samples_shorter_than_the_training_sequence_are_refused(tmp_path):
+    a = write_dataset(tmp_path / "a", 16, [10])
+    with pytest.raises(DataError, match=r"seq_len=16, shorter than train.seq_length=32"):
+        open_data(_cfg(f"data.train={a}"))
+
+
+def test_validation_defaults_to_the_val_split_of_the_training_sources(tmp_path):
+    with_val = write_dataset(tmp_path / "a", 32, [12], extra_splits={"val": [4]})
+    without_val = write_dataset(tmp_path / "b", 32, [12])
+    data = open_data(_cfg(f"data.train=[{with_val}, {without_val}]"))
+    assert [s.name for s in data.valid] == [f"{with_val}[val]"]
+    train, valid = build_loaders(_cfg("train.eval_interval=5"), data, 2, 0, 1)
+    assert valid is not None and not valid.orders[0].shuffle
+
+
+def test_missing_dataset_stops_the_cli_before_any_process_group(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(SMOKE),
+                           f"data.train={tmp_path}/missing"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("data error:")]
+    assert len(errors) == 1 and "missing/manifest.json: no such file" in errors[0]
