@@ -18,8 +18,16 @@ $(STAMP): pyproject.toml
 	DS_BUILD_OPS=0 $(VENV)/bin/pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+DEMO := runs/demo
+PY := $(VENV)/bin/python
+
+# The whole pipeline on the embedded corpus: export -> tokenizer -> shards -> training.
+# shard.py reuses finished work, so a second `make demo` starts training almost at once.
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m pretrain.train --config configs/demo.yaml
+	$(PY) data_tools/export_embedded_corpus.py --output $(DEMO)/corpus.jsonl
+	$(PY) data_tools/train_tokenizer.py --input $(DEMO)/corpus.jsonl --vocab-size 4096 --output $(DEMO)/tokenizer
+	$(PY) data_tools/shard.py --input $(DEMO)/corpus.jsonl --output $(DEMO)/data --tokenizer $(DEMO)/tokenizer.model --seq-len 256 --val-fraction 0.02 --num-workers $(NPROC)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m pretrain.train --config configs/demo.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests

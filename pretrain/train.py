@@ -46,6 +46,7 @@ def main(argv=None) -> int:
         planning_cuda = has_cuda or args.dry_run
         validate(cfg, cuda=planning_cuda)  # config alone, before touching any data
         data = open_data(cfg)
+        tokenizer = build_tokenizer(cfg, data) if cfg.train.sample_tokens > 0 else None
         layout = validate(cfg, world_size=world, vocab_size=data.vocab_size, cuda=planning_cuda)
     except ConfigError as err:
         if env.rank == 0:
@@ -108,7 +109,6 @@ def main(argv=None) -> int:
                       eval_proxies=proxies(zero.engine, chunks, through_engine=False))
     try:
         trainer.fit()
-        tokenizer = build_tokenizer(cfg, data)
         if cfg.train.sample_tokens > 0 and tokenizer is None:
             log("no sample: the tokenizer named in the manifest is not readable here; "
                 "set data.tokenizer=PATH.model")

@@ -7,6 +7,7 @@ with different tokenizers fails in one line at start-up.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from pretrain.config import Config
@@ -105,4 +106,9 @@ def build_tokenizer(cfg: Config, data: OpenedData):
     path = cfg.data.tokenizer or source.tokenizer_path
     if not path or not Path(path).is_file():
         return None
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if digest != source.tokenizer_sha256:
+        raise DataError(f"tokenizer {path} (sha256 {digest[:12]}) is not the one {source.name} "
+                        f"was made with ({source.tokenizer_sha256[:12]}); point data.tokenizer "
+                        f"at the right .model")
     return SentencePieceDecoder(path)
