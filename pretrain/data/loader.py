@@ -25,7 +25,9 @@ class MicroBatch:
     labels: torch.Tensor  # [b, s] int64 targets (inputs shifted by one)
     loss_mask: torch.Tensor  # [b, s] float32, 1 where the label counts
     position_ids: torch.Tensor  # [b, s] int64
-    attention_mask: torch.Tensor | None = None  # [b, 1, s, s] bool, True = masked
+    # [b, s] int32 document index within each sample, with data.reset_attention; the
+    # [b, 1, s, s] mask is built from it on the device (document_causal_mask).
+    segment_ids: torch.Tensor | None = None
 
 
 def _rng(*words: int) -> np.random.Generator:
@@ -108,6 +110,15 @@ class ShardCache:
                 for shard in wanted:
                     if shard not in self._futures:
                         self._futures[shard] = self.pool.submit(self.source.load_shard, shard)
+
+
+def document_causal_mask(segment_ids_bs: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s] bool, True where attention is forbidden: later positions, or another
+    document of the same packed sample."""
+    s = segment_ids_bs.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids_bs.device).triu_(1)
+    other_doc = segment_ids_bs.unsqueeze(2) != segment_ids_bs.unsqueeze(1)
+    return (other_doc | causal).unsqueeze(1)
 
 
 class BlendedLoader:
@@ -200,20 +211,19 @@ class BlendedLoader:
             chunk = rows_t[first:first + self.micro_batch_size]
             tokens, labels = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
             positions = torch.arange(s).unsqueeze(0).repeat(len(chunk), 1)
-            mask = None
+            segments = None
             if self.reset_attention:
-                mask = torch.ones(len(chunk), 1, s, s, dtype=torch.bool).triu_(1)
+                # starts_bs: 1 where a new document begins inside the sample
+                starts_bs = torch.zeros(len(chunk), s, dtype=torch.int64)
                 for b, doc_starts in enumerate(starts[first:first + self.micro_batch_size]):
-                    for p in doc_starts:
-                        p = int(p)
-                        if p >= s:
-                            continue
-                        # tokens from p on belong to a new document: they neither see the
-                        # previous one nor count positions from the sample's start.
-                        mask[b, 0, p:, :p] = True
-                        positions[b, p:] -= positions[b, p].clone()
+                    inside = doc_starts[doc_starts < s].astype(np.int64)
+                    starts_bs[b, torch.from_numpy(inside)] = 1
+                segments = starts_bs.cumsum(dim=1).to(torch.int32)
+                # positions restart at each document: p - (start of p's document)
+                doc_start_bs = torch.cummax(positions * starts_bs, dim=1).values
+                positions = positions - doc_start_bs
             out.append(MicroBatch(tokens, labels, torch.ones(tokens.shape, dtype=torch.float32),
-                                  positions, mask))
+                                  positions, segments))
         return out
 
     # -- state -------------------------------------------------------------------------------

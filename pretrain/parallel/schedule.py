@@ -14,6 +14,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from pretrain.data.loader import document_causal_mask
 from pretrain.parallel.cpu import cpu_device_mode
 
 
@@ -67,8 +68,9 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss_bs: torch.Tensor):
 
 def _forward_step(data_iterator, model):
     micro = next(data_iterator)
+    mask = None if micro.segment_ids is None else document_causal_mask(micro.segment_ids)
     output = model(input_ids=micro.tokens, position_ids=micro.position_ids,
-                   attention_mask=micro.attention_mask, labels=micro.labels)
+                   attention_mask=mask, labels=micro.labels)
     return output, partial(_loss_func, micro.loss_mask)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.data.loader import BlendedLoader
+from pretrain.data.loader import BlendedLoader, document_causal_mask
 from pretrain.data.sources import DataError, ShardSource
 from tests.data.shard_writer import write_dataset
 
@@ -177,7 +177,7 @@ def test_reset_attention_masks_across_documents(tmp_path):
     ds = write_dataset(tmp_path / "docs", SEQ, [8], doc_starts={k: [5] for k in range(8)})
     loader = _loader([ds], reset_attention=True)
     micro = loader.next_step()[0]
-    mask = micro.attention_mask[0, 0]  # True = may not attend
+    mask = document_causal_mask(micro.segment_ids)[0, 0]  # True = may not attend
     assert mask[4, :5].logical_not().all() and mask[4, 5:].all()  # doc 1: causal
     assert mask[6, :5].all()  # doc 2 does not see doc 1
     assert not mask[6, 5] and not mask[6, 6] and mask[6, 7]  # ...but is causal within itself
@@ -189,3 +189,12 @@ def test_samples_within_a_shard_are_reshuffled_every_epoch(tmp_path):
     ids, _ = _global_ids([one_shard], steps=4, dp_size=1)  # 32 samples = 2 epochs
     assert sorted(ids[:16]) == sorted(ids[16:]) == list(range(16))
     assert ids[:16] != ids[16:]
+
+
+def test_reset_attention_with_several_documents_in_a_sample(tmp_path):
+    ds = write_dataset(tmp_path / "docs3", SEQ, [4], doc_starts={k: [5, 11, SEQ] for k in range(4)})
+    micro = _loader([ds], reset_attention=True, seed=1).next_step()[0]
+    assert micro.segment_ids[0].tolist() == [0] * 5 + [1] * 6 + [2] * 5
+    assert micro.position_ids[0].tolist() == list(range(5)) + list(range(6)) + list(range(5))
+    mask = document_causal_mask(micro.segment_ids)[0, 0]
+    assert mask[12, :11].all() and not mask[12, 11:13].any() and mask[12, 13:].all()
