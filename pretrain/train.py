@@ -17,6 +17,7 @@ from pretrain.config import ConfigError, load_config, save_config, validate
 from pretrain.data.build import build_loaders, build_tokenizer, open_data
 from pretrain.data.sources import DataError
 from pretrain.estimate import describe
+from pretrain.model.spec import choose_backend
 from pretrain.log import MetricsWriter, is_rank0, log, quiet_library_warnings
 from pretrain.parallel import cpu, dist as pdist
 
@@ -45,6 +46,7 @@ def main(argv=None) -> int:
         # A dry run plans the GPU run: bf16 is allowed and `auto` resolves to it.
         planning_cuda = has_cuda or args.dry_run
         validate(cfg, cuda=planning_cuda)  # config alone, before touching any data
+        choose_backend(cfg.model.backend, document_masks=cfg.data.reset_attention)
         data = open_data(cfg)
         tokenizer = build_tokenizer(cfg, data) if cfg.train.sample_tokens > 0 else None
         layout = validate(cfg, world_size=world, vocab_size=data.vocab_size, cuda=planning_cuda)

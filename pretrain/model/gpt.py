@@ -72,7 +72,7 @@ def build_model_chunks(cfg: Config, padded_vocab_size: int, params_dtype: torch.
                        device: torch.device) -> list[GPTModel]:
     """This rank's chunks, initialized identically whatever the TP/PP layout."""
     tconfig = transformer_config(cfg, params_dtype)
-    backend = choose_backend(cfg.model.backend)
+    backend = choose_backend(cfg.model.backend, document_masks=cfg.data.reset_attention)
     chunks = []
     vp = cfg.parallel.virtual_pipeline_chunks
     for vp_stage in range(vp):

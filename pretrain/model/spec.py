@@ -30,13 +30,21 @@ def transformer_engine_usable() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def choose_backend(requested: str) -> str:
-    """'auto' -> 'te' when usable, else 'local'. An explicit 'te' without TE is an error."""
+def choose_backend(requested: str, document_masks: bool = False) -> str:
+    """'auto' -> 'te' when usable, else 'local'. An explicit 'te' without TE is an error.
+
+    Per-document attention masks (data.reset_attention) need the local SDPA attention: the TE
+    spec's causal attention would ignore an explicit mask."""
+    from pretrain.config import ConfigError
+
     if requested == "auto":
-        return "te" if transformer_engine_usable() else "local"
+        return "te" if transformer_engine_usable() and not document_masks else "local"
     if requested == "te" and not transformer_engine_usable():
-        raise RuntimeError("model.backend=te needs transformer_engine and a CUDA device; "
-                           "use model.backend=auto or local")
+        raise ConfigError("model.backend=te needs transformer_engine and a CUDA device; "
+                          "use model.backend=auto or local")
+    if requested == "te" and document_masks:
+        raise ConfigError("data.reset_attention=true needs model.backend=local (or auto): the "
+                          "Transformer Engine spec here runs plain causal attention")
     return requested
 
 
