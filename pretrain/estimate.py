@@ -1,9 +1,13 @@
 """Analytic parameter counts and a per-rank memory estimate, for `--dry-run` and planning.
 
 The parameter formula is tested against the built model. Memory follows DeepSpeed's ZeRO
-accounting: with bf16, 2-byte weights and gradients plus 12 bytes of fp32 master weights
-and Adam moments per parameter; in fp32, 4 + 4 + 8 bytes. Stage 1 shards the optimizer
-state over data-parallel ranks, stage 2 also the gradients, stage 3 also the weights.
+accounting, measured in tests/parity/test_zero_memory.py: 12 bytes of optimizer state per
+parameter (fp32 master copy + Adam moments; DeepSpeed clones the master even when the
+weights are fp32) except fp32 without ZeRO (8: AdamW updates the weights in place).
+Stage 1 shards the optimizer state over data-parallel ranks, stage 2 also the gradients,
+stage 3 also the weights. Stages 1-2 flatten each optimizer group, pad it to 2 x DP elements
+and cut it into DP equal parts; a ZeRO-2 rank keeps the full gradient of every parameter
+that overlaps its part, reproduced here from the parameters in module order.
 Activations use the Korthikanti et al. (2022) count for a flash-attention layer, with the
 1F1B schedule keeping up to `pipeline_parallel` micro-batches in flight on the first stage.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pretrain.config import Config, pad_vocab
+from pretrain.parallel import REDUCE_BUCKET_ELEMENTS
 
 
 def layer_parameters(cfg: Config) -> int:
@@ -43,24 +48,58 @@ def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
 
 
 def rank_parameters(cfg: Config, vocab_size: int, pp_rank: int) -> int:
-    """Parameters held by one TP rank of pipeline stage `pp_rank` (worst case over TP ranks)."""
+    """Parameters held by one TP rank of pipeline stage `pp_rank`."""
+    return sum(n for n, _ in rank_parameter_list(cfg, vocab_size, pp_rank))
+
+
+def rank_parameter_list(cfg: Config, vocab_size: int, pp_rank: int) -> list[tuple[int, bool]]:
+    """(elements, is_matrix) of one TP rank's parameters on stage `pp_rank`, in megatron's
+    module order (local spec): embedding, then per layer input norm, attention output and
+    QKV projections, MLP norm, fc1, fc2; final norm and output layer last."""
     m, p = cfg.model, cfg.parallel
-    counts = parameter_counts(cfg, vocab_size)
-    tp, pp = p.tensor_parallel, p.pipeline_parallel
-    h = m.hidden_size
-    norm = (2 if m.normalization == "layernorm" else 1) * h
-    # Within a layer the two norms (and row-parallel biases) are replicated across TP.
-    replicated = 2 * norm + (2 * h if m.bias else 0)
-    per_layer = (layer_parameters(cfg) - replicated) // tp + replicated
-    count = per_layer * (m.num_layers // pp)
-    vocab = counts["padded_vocab_size"]
+    tp, pp, h, f = p.tensor_parallel, p.pipeline_parallel, m.hidden_size, m.ffn_size
+    head_dim = h // m.num_attention_heads
+    qkv_out = (m.num_attention_heads + 2 * m.query_groups) * head_dim
+    vocab = parameter_counts(cfg, vocab_size)["padded_vocab_size"]
+    norm = [(h, False)] + ([(h, False)] if m.normalization == "layernorm" else [])
+    fc1_out = f * (2 if m.activation == "swiglu" else 1)
+
+    def linear(rows, cols, column_parallel):
+        weight = [(rows * cols // tp, True)]
+        if not m.bias:
+            return weight
+        return weight + [((rows // tp) if column_parallel else rows, False)]
+
+    out: list[tuple[int, bool]] = []
     if pp_rank == 0:
-        count += vocab * h // tp + (m.max_seq_length * h if m.position_embedding == "learned" else 0)
+        out.append((vocab * h // tp, True))
+        if m.position_embedding == "learned":
+            out.append((m.max_seq_length * h, True))
+    layer = (norm + linear(h, m.num_attention_heads * head_dim, False) + linear(qkv_out, h, True)
+             + norm + linear(fc1_out, h, True) + linear(h, f, False))
+    out += layer * (m.num_layers // pp)
     if pp_rank == pp - 1:
-        count += norm
+        out += norm
         if not m.tie_embeddings or pp > 1:
-            count += vocab * h // tp
-    return count
+            out.append((vocab * h // tp, True))
+    return out
+
+
+def zero12_partition(group_numels: list[list[int]], dp: int, rank: int) -> tuple[int, int]:
+    """DeepSpeed ZeRO-1/2 partitioning: (elements of this rank's fp32 partition, elements of
+    the gradients it keeps at ZeRO-2: every parameter starting in or straddling into it)."""
+    partition, grads = 0, 0
+    for numels in group_numels:
+        alignment = 2 * dp
+        size = -(-sum(numels) // alignment) * alignment // dp
+        start, end = size * rank, size * (rank + 1)
+        offset = 0
+        for n in numels:
+            if start <= offset < end or offset < start < offset + n:
+                grads += n
+            offset += n
+        partition += size
+    return partition, grads
 
 
 @dataclass
@@ -70,21 +109,37 @@ class MemoryEstimate:
     grad_bytes: int
     optimizer_bytes: int
     activation_bytes: int
+    comm_buffer_bytes: int = 0  # DeepSpeed's reduce bucket (ZeRO >= 1)
 
     @property
     def total_bytes(self) -> int:
-        return self.weight_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+        return (self.weight_bytes + self.grad_bytes + self.optimizer_bytes
+                + self.activation_bytes + self.comm_buffer_bytes)
 
 
 def memory_per_rank(cfg: Config, vocab_size: int, data_parallel: int, bf16: bool) -> MemoryEstimate:
     p, t, m = cfg.parallel, cfg.train, cfg.model
-    params = max(rank_parameters(cfg, vocab_size, r) for r in range(p.pipeline_parallel))
+    dp, stage = data_parallel, p.zero_stage
     weight, grad = (2, 2) if bf16 else (4, 4)
-    optimizer = 12 if bf16 else 8  # fp32 master + Adam m, v  |  Adam m, v
-    dp = data_parallel
-    weights = params * weight / (dp if p.zero_stage >= 3 else 1)
-    grads = params * grad / (dp if p.zero_stage >= 2 else 1)
-    optim = params * optimizer / (dp if p.zero_stage >= 1 else 1)
+    optimizer = 12 if (bf16 or stage >= 1) else 8  # [master 4 +] Adam m, v 8
+    worst = None
+    for pp_rank in range(p.pipeline_parallel):
+        params = rank_parameter_list(cfg, vocab_size, pp_rank)
+        count = sum(n for n, _ in params)
+        groups = [[n for n, matrix in params if matrix], [n for n, matrix in params if not matrix]]
+        if stage in (1, 2):
+            shares = [zero12_partition(groups, dp, r) for r in range(dp)]
+            opt_elems = max(part for part, _ in shares)
+            grad_elems = max(g for _, g in shares) if stage == 2 else count
+        elif stage == 3:
+            opt_elems = grad_elems = -(-count // dp)
+        else:
+            opt_elems = grad_elems = count
+        weights = (-(-count // dp) if stage == 3 else count) * weight
+        candidate = (count, weights, grad_elems * grad, opt_elems * optimizer)
+        if worst is None or sum(candidate[1:]) > sum(worst[1:]):
+            worst = candidate
+    params, weights, grads, optim = worst
     s, b, h = t.seq_length, t.micro_batch_size, m.hidden_size
     layers_here = m.num_layers // p.pipeline_parallel
     bytes_per_value = 2 if bf16 else 4
@@ -97,7 +152,8 @@ def memory_per_rank(cfg: Config, vocab_size: int, data_parallel: int, bf16: bool
         per_layer = s * b * h * (10 + 24 / tp) * bytes_per_value / 2
     in_flight = min(p.pipeline_parallel, max(1, t.global_batch_size // (b * dp)))
     activations = per_layer * layers_here * in_flight
-    return MemoryEstimate(params, int(weights), int(grads), int(optim), int(activations))
+    comm = min(REDUCE_BUCKET_ELEMENTS, params) * grad if stage >= 1 else 0
+    return MemoryEstimate(params, int(weights), int(grads), int(optim), int(activations), int(comm))
 
 
 def human_bytes(n: float) -> str:
@@ -122,6 +178,7 @@ def describe(cfg: Config, vocab_size: int, world_size: int, bf16: bool) -> str:
         f"  weights     {human_bytes(mem.weight_bytes)}",
         f"  gradients   {human_bytes(mem.grad_bytes)}",
         f"  optimizer   {human_bytes(mem.optimizer_bytes)}",
+        f"  comm bucket {human_bytes(mem.comm_buffer_bytes)}",
         f"  activations {human_bytes(mem.activation_bytes)} (micro-batch {cfg.train.micro_batch_size}, "
         f"seq {cfg.train.seq_length}, recompute {cfg.parallel.recompute})",
         f"  total       {human_bytes(mem.total_bytes)}",

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
+from pretrain.parallel import REDUCE_BUCKET_ELEMENTS
+
 
 class MegatronMPU:
     """The `mpu` interface DeepSpeed queries, answered from megatron's parallel_state.
@@ -49,10 +51,13 @@ def deepspeed_config(zero_stage: int, micro_batch_size: int, grad_clip: float, b
     if zero_stage >= 1:
         # Deterministic reductions: no overlapped bucketing races, contiguous gradient buffers.
         zero.update({"overlap_comm": False, "contiguous_gradients": True,
-                     "reduce_scatter": True, "allgather_partitions": True})
+                     "reduce_scatter": True, "allgather_partitions": True,
+                     "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS,
+                     "allgather_bucket_size": REDUCE_BUCKET_ELEMENTS})
     if zero_stage == 3:
         # Small models in tests: keep every parameter partitioned rather than persisted whole.
-        zero.update({"stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 1e9})
+        zero.update({"stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 1e9,
+                     "stage3_prefetch_bucket_size": REDUCE_BUCKET_ELEMENTS})
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": 1,
