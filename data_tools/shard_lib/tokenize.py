@@ -1,0 +1,122 @@
+"""The tokenizing stage: a Ray actor that holds one sentencepiece processor and turns a piece of
+cleaned documents into token ids (EOD after each document) plus each document's digest.
+
+One actor per CPU, each pinned to one thread: sentencepiece's batch encoder would otherwise
+start a thread per core in every actor and oversubscribe the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+
+from data_tools.shard_lib.clean import NormalizedHasher, chunk_bounds
+from data_tools.shard_lib.inputs import GIVEN_DIGEST, LAST
+
+# Text handed to one sentencepiece call: large enough to amortize the call, small enough that
+# the int32 ids of one call (4 bytes per token) stay a few tens of MB for a huge document.
+ENCODE_BATCH_BYTES = 4 << 20
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def tokenize_entries(processor, data, lens: np.ndarray, flags: np.ndarray, given: bytes,
+                     chunk_bytes: int, dtype: np.dtype, eod_id: int) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """Encode a piece's entries: (tokens, tokens per entry, 16-byte digest per entry).
+
+    EOD follows an entry that ends its document (flag LAST). An entry's digest is computed
+    here unless the reader gave it (GIVEN_DIGEST: a part of a document split over pieces)."""
+    view = memoryview(data)
+    eod = np.array([eod_id], dtype=dtype)
+    out = bytearray()  # grows in place: one copy of the ids, not a list plus its concatenation
+    ntok = np.zeros(len(lens), dtype=np.int64)
+    digests = []
+    batch, owners, batch_bytes = [], [], 0  # texts for one encode call, (entry, ends it) each
+
+    def flush():
+        nonlocal batch, owners, batch_bytes
+        if batch:
+            for (entry, eod_after), ids in zip(owners, processor.encode(batch, return_type="numpy",
+                                                                        num_threads=1)):
+                out.extend(ids.astype(dtype).tobytes())
+                ntok[entry] += len(ids)
+                if eod_after:
+                    out.extend(eod.tobytes())
+                    ntok[entry] += 1
+        batch, owners, batch_bytes = [], [], 0
+
+    start = 0
+    for entry, (length, flag) in enumerate(zip(lens.tolist(), flags.tolist())):
+        buffer = np.frombuffer(view[start:start + length], dtype=np.uint8)
+        hasher = None if flag & GIVEN_DIGEST else NormalizedHasher()
+        # Chunks are copied out one at a time: one encode batch is alive at once.
+        bounds = chunk_bounds(buffer, chunk_bytes)
+        for i, (a, b) in enumerate(bounds):
+            chunk = bytes(view[start + a:start + b])
+            if hasher is not None:
+                hasher.update(chunk)
+            batch.append(chunk)
+            owners.append((entry, bool(flag & LAST) and i == len(bounds) - 1))
+            batch_bytes += len(chunk)
+            if batch_bytes >= ENCODE_BATCH_BYTES:
+                flush()
+        digests.append(given[16 * entry:16 * entry + 16] if hasher is None else hasher.digest())
+        start += length
+    flush()
+    return np.frombuffer(out, dtype=dtype), ntok, b"".join(digests)
+
+
+class TokenizeWorker:
+    """Ray Data actor UDF: Arrow pieces from inputs.read_batch -> tokenized pieces."""
+
+    def __init__(self, model_path: str, model_sha256: str, chunk_bytes: int, eod_id: int):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import sentencepiece as spm
+
+        # The path, not the model bytes: constructor arguments that large go through the
+        # object store, which Ray warns about for restartable actors. Inputs and output must be
+        # on shared storage on a cluster anyway; the checksum catches a different file there.
+        with open(model_path, "rb") as f:
+            proto = f.read()
+        if hashlib.sha256(proto).hexdigest() != model_sha256:
+            raise RuntimeError(f"{model_path} on this Ray node is not the tokenizer the driver "
+                               f"loaded (sha256 differs); put it on storage all nodes share")
+        self.processor = spm.SentencePieceProcessor(model_proto=proto, num_threads=1)
+        self.dtype = token_dtype(self.processor.get_piece_size())
+        self.chunk_bytes = chunk_bytes
+        self.eod_id = eod_id
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        tables = []
+        for i in range(batch.num_rows):
+            row = {name: batch.column(name)[i] for name in batch.column_names}
+            tokens, ntok, digests, fatal = np.empty(0, self.dtype), np.empty(0, np.int64), b"", row["fatal"].as_py()
+            if not fatal:
+                lens = np.frombuffer(row["lens"].as_py(), dtype=np.int64)
+                flags = np.frombuffer(row["flags"].as_py(), dtype=np.uint8)
+                try:
+                    tokens, ntok, digests = tokenize_entries(
+                        self.processor, row["data"].as_buffer(), lens, flags, row["given"].as_py(),
+                        self.chunk_bytes, self.dtype, self.eod_id)
+                except Exception as err:  # noqa: BLE001 - reported in order, naming the unit
+                    fatal = f"tokenizing read unit {row['unit'].as_py()}: {type(err).__name__}: {err}"
+            tables.append(pa.table({
+                "unit": [row["unit"].as_py()], "piece": [row["piece"].as_py()],
+                "last": [row["last"].as_py()],
+                "tokens": pa.LargeBinaryArray.from_buffers(
+                    pa.large_binary(), 1,
+                    [None, pa.py_buffer(np.array([0, tokens.nbytes], np.int64)), pa.py_buffer(tokens)]),
+                "ntok": pa.array([ntok.tobytes()], pa.binary()),
+                "digests": pa.array([digests], pa.binary()),
+                "repaired": [row["repaired"].as_py()], "flags": [row["flags"].as_py()],
+                "read": [row["read"].as_py()],
+                "rejected": [row["rejected"].as_py()], "bad": [row["bad"].as_py()],
+                "fatal": [fatal], "progress": [row["progress"].as_py()],
+            }))
+        return pa.concat_tables(tables)
