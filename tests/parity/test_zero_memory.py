@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from pretrain.estimate import zero12_partition
+from tests.launch_helpers import launch
 
 pytestmark = pytest.mark.multiprocess
 
@@ -49,23 +48,8 @@ LAYOUTS = {  # name: (ranks, ZeRO stage); TP = PP = 1, so DP = ranks
 
 
 def _launch(nproc: int, out: Path, overrides: list[str], timeout: int = 240) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                "SLURM_PROCID", "SLURM_NTASKS"):
-        env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(nproc), str(PROBE), "--out", str(out), "--config", str(SMOKE), *overrides]
-    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True) as popen:
-        try:
-            stdout, stderr = popen.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(popen.pid, signal.SIGKILL)
-            popen.communicate()
-            raise AssertionError(f"probe timed out after {timeout}s: {' '.join(cmd)}") from None
-    if popen.returncode != 0:
-        raise AssertionError(f"probe failed ({popen.returncode}): {' '.join(cmd)}\n"
-                             f"--- stdout ---\n{stdout[-3000:]}\n--- stderr ---\n{stderr[-6000:]}")
+    launch([str(PROBE), "--out", str(out), "--config", str(SMOKE), *overrides], nproc, timeout,
+           "probe")
 
 
 @pytest.fixture(scope="module")
@@ -89,25 +73,6 @@ def measured(tmp_path_factory):
 
 def close(actual: float, expected: float) -> bool:
     return abs(actual - expected) <= TOL * expected
-
-
-def zero12_partition(group_numels: list[list[int]], dp: int, rank: int) -> tuple[int, int]:
-    """DeepSpeed 0.19 ZeRO-1/2 partitioning (stage_1_and_2.py): each optimizer group is
-    flattened in order, padded to a multiple of 2 x DP elements and cut into DP equal
-    partitions. Returns (elements of this rank's fp32 partition, elements of the gradients
-    it keeps at ZeRO-2: every parameter that starts in, or straddles into, its partition)."""
-    partition, grads = 0, 0
-    for numels in group_numels:
-        alignment = 2 * dp
-        size = math.ceil(sum(numels) / alignment) * alignment // dp
-        start, end = size * rank, size * (rank + 1)
-        offset = 0
-        for n in numels:
-            if start <= offset < end or offset < start < offset + n:
-                grads += n
-            offset += n
-        partition += size
-    return partition, grads
 
 
 def _check_common(name, records):
