@@ -29,7 +29,6 @@ FORMATS = {".jsonl.gz": "jsonl.gz", ".jsonl.zst": "jsonl.zst", ".jsonl": "jsonl"
            ".parquet": "parquet", ".txt": "txt"}
 SUPPORTED = ", ".join(sorted(FORMATS, key=len))
 REJECT_REASONS = ("empty", "binary", "duplicate", "missing_text_key", "invalid_json")
-BAD_RECORD_REASONS = ("missing_text_key", "invalid_json")
 # A blank line (whitespace containing two newlines) separates paragraphs in --txt-mode paragraph.
 PARAGRAPH_SEP = re.compile(rb"\n[ \t\r\x0b\x0c\n]*\n")
 _BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
@@ -99,10 +98,11 @@ def _boundary(f, offset: int, size: int, paragraphs: bool) -> int:
         match = pattern.search(block)
         if match:
             return position + match.end()
+        if position + len(block) >= size:
+            break
         # Overlap so a separator cut by the block edge is still found (longer blank lines
         # are found further on: any blank line is a valid boundary).
-        step = max(len(block) - 4096, 1)
-        position += step
+        position += len(block) - 4096
         f.seek(position)
     return size
 

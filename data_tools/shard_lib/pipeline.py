@@ -185,7 +185,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     if address:
         try:
             # Ship the code: a cluster's nodes need not have this checkout.
-            ray.init(address=address, logging_level=logging.ERROR,
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False,
                      runtime_env={"py_modules": [str(REPO / "data_tools")]})
         except Exception as err:  # noqa: BLE001 - ConnectionError, auth errors, bad addresses
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -196,8 +196,10 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     if str(REPO) not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, paths)])
+    # log_to_driver=False: workers print nothing useful; their failures reach the driver as
+    # exceptions, which build() turns into one error line.
     ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-             logging_level=logging.ERROR)
+             logging_level=logging.ERROR, log_to_driver=False)
 
 
 def _start_ray(opts: Options) -> tuple[int, bool]:
@@ -228,7 +230,8 @@ def _ray_pieces(units: list[dict], opts: Options, tok: Tokenizer, workers: int,
                 dtype: np.dtype) -> Iterator[TokenizedPiece]:
     import ray.data
 
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    # Ray Data logs a failed task's traceback before raising it; build() reports it instead.
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     # Ray Data warns when a small input cannot keep every actor busy; expected for tiny jobs.
     warnings.filterwarnings("ignore", message=".*minimum number of concurrent actors.*")
     ctx = ray.data.DataContext.get_current()
@@ -250,6 +253,8 @@ def _ray_pieces(units: list[dict], opts: Options, tok: Tokenizer, workers: int,
         fn_constructor_kwargs={"model_path": tok.path, "model_sha256": tok.sha256,
                                "chunk_bytes": opts.chunk_bytes, "eod_id": tok.eos_id},
         batch_size=None, batch_format="pyarrow", num_cpus=1,
+        # Two pieces per actor: the next one is queued when one finishes (with one, each
+        # waited ~0.2 s for dispatch on a busy 2-core machine), yet the tail stays short.
         compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2))
     try:
         with warnings.catch_warnings():
@@ -261,6 +266,20 @@ def _ray_pieces(units: list[dict], opts: Options, tok: Tokenizer, workers: int,
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
         for i in range(table.num_rows):
             yield TokenizedPiece.from_arrow(table, i, dtype)
+
+
+def _next_from_ray(pieces: Iterator[TokenizedPiece], output: Path) -> TokenizedPiece:
+    import ray.exceptions
+
+    try:
+        return next(pieces)
+    except StopIteration:
+        raise RuntimeError("Ray returned fewer pieces than planned") from None
+    except ray.exceptions.RayError as err:  # a worker died (out of memory, node lost, ...)
+        reason = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ShardError(f"the Ray pipeline failed ({type(err).__name__}: {reason}); finished "
+                         f"work is cached in {output / '.work'}: re-run the same command to "
+                         f"resume") from err
 
 
 class _Stats:
@@ -327,7 +346,7 @@ def build(opts: Options) -> dict:
                 if count:
                     piece = cache.load(key, index, count, dtype)
                 else:
-                    piece = next(pieces_from_ray)
+                    piece = _next_from_ray(pieces_from_ray, output)
                     if (piece.unit, piece.piece) != (unit["index"], index):
                         raise RuntimeError(f"Ray returned piece {piece.unit}/{piece.piece}, "
                                            f"expected {unit['index']}/{index}: order lost")
