@@ -206,8 +206,9 @@ def _decode(manifest: dict, samples: dict[int, np.ndarray], tokenizer: str | Non
 
     data = Path(path).read_bytes()
     if hashlib.sha256(data).hexdigest() != manifest["tokenizer"].get("sha256"):
-        print(f"warning: {path} is not the tokenizer of this dataset (sha256 differs); the text "
-              f"below may be garbage", file=out)
+        print(f"note: {path} is not the tokenizer of this dataset (sha256 differs); not decoding "
+              f"with it", file=out)
+        return
     processor = spm.SentencePieceProcessor(model_proto=data)
     eod = manifest["eod_id"]
     for key in sorted(samples):

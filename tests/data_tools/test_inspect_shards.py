@@ -136,3 +136,10 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     assert code == 2 and out.startswith("error: ") and "is not a directory" in out
     code, out = inspect(tmp_path, capsys, "--tokenizer", tmp_path / "missing.model")
     assert code == 2 and "missing.model: no such file" in out
+
+
+def test_other_tokenizer_is_not_used_to_decode(dataset, tmp_path, capsys):
+    other = tmp_path / "other.model"
+    other.write_bytes(b"some other model")
+    code, out = inspect(dataset, capsys, "--tokenizer", other)
+    assert code == 0 and "is not the tokenizer of this dataset" in out and "--- train sample" not in out

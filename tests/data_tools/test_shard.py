@@ -266,6 +266,9 @@ def test_manifest_fields(corpus, reference, tokenizer):
     out, manifest = reference
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["format"] == "pretrain-shards" and manifest["format_version"] == 1
+    assert list(manifest) == ["format", "format_version", "seq_len", "token_dtype", "eod_id",
+                              "tokenizer", "splits", "documents", "tokens_dropped_tail",
+                              "settings", "inputs"]  # docs/formats.md, in its order
     assert (manifest["seq_len"], manifest["token_dtype"], manifest["eod_id"]) == (SEQ_LEN, "uint16", EOD)
     assert manifest["tokenizer"] == {"sha256": hashlib.sha256(tokenizer.read_bytes()).hexdigest(),
                                      "vocab_size": 400, "path": str(tokenizer)}
@@ -284,6 +287,7 @@ def test_manifest_fields(corpus, reference, tokenizer):
         key = 0
         for index, shard in enumerate(info["shards"]):
             data = (out / shard["name"]).read_bytes()
+            assert list(shard) == ["name", "first_key", "samples", "tokens", "bytes", "sha256"]
             assert shard["name"] == f"{split}-{index:06d}.tar" and shard["name"] in names
             assert shard["first_key"] == key and shard["bytes"] == len(data)
             assert shard["sha256"] == hashlib.sha256(data).hexdigest()
