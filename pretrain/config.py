@@ -119,6 +119,24 @@ class DataConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # Save every this many steps (0: only when the run stops: at train.exit_at_step, at the
+    # last step, or on SIGTERM/SIGUSR1). Saves go to RUN/checkpoints/step_{N:08d}/.
+    interval: int = 0
+    keep_last: int = 2  # retention: the newest k complete checkpoints ...
+    keep_every: int = 0  # ... plus every one whose step is a multiple of this (0: none)
+    # Start from another run's checkpoint (a step_N directory, a checkpoints/ directory or a
+    # run directory: its newest complete one) when RUN/checkpoints holds none yet.
+    load_from: str = ""
+    weights_only: bool = False  # with load_from: weights only, fresh optimizer, step 0
+    save_on_stop: bool = True  # save when the run stops (exit_at_step, last step, signal)
+    # Write the files in a background process while training continues (GPU); "auto": on
+    # when CUDA is available. On CPU a synchronous save is simple and fast enough.
+    async_save: Literal["auto", "on", "off"] = "auto"
+    verify: bool = True  # check every file's sha256 on load (spread over ranks)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -126,6 +144,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -138,6 +157,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin is Literal:
         choices = typing.get_args(annotation)
+        # YAML 1.1 reads on/off (and yes/no) as booleans.
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"
         if value not in choices:
             raise ConfigError(f"{where}={value!r} is not one of {', '.join(map(str, choices))}")
         return value
@@ -399,6 +421,20 @@ def validate(cfg: Config, world_size: int | None = None, vocab_size: int | None 
     if t.eval_interval < 0 or t.eval_batches < 1:
         raise ConfigError(f"train.eval_interval={t.eval_interval} must be >= 0 and "
                           f"train.eval_batches={t.eval_batches} >= 1")
+    c = cfg.checkpoint
+    for name, value in {"checkpoint.interval": c.interval, "checkpoint.keep_every": c.keep_every}.items():
+        if value < 0:
+            raise ConfigError(f"{name}={value} must not be negative (0 turns it off)")
+    if c.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last={c.keep_last} must be at least 1: the newest "
+                          f"checkpoint is what a restart resumes from")
+    if c.weights_only and not c.load_from:
+        raise ConfigError("checkpoint.weights_only=true needs checkpoint.load_from=PATH (the "
+                          "checkpoint whose weights start this run)")
+    if p.zero_stage == 3 and (c.interval or c.save_on_stop or c.load_from):
+        raise ConfigError("checkpoints support parallel.zero_stage 0, 1 and 2 (ZeRO-3 also "
+                          "partitions the weights, which the checkpoint format does not map); use "
+                          "zero_stage=2, or checkpoint.interval=0 checkpoint.save_on_stop=false")
     if t.micro_batch_size > t.global_batch_size:
         raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} exceeds "
                           f"train.global_batch_size={t.global_batch_size}")

@@ -19,6 +19,10 @@ _IRRELEVANT_WARNINGS = (
     r".*full scope is deprecated.*",
     r".*all_gather_into_tensor. is deprecated.*",
     r".*_reduce_scatter_base. is a private function.*",
+    # megatron's torch_dist checkpoint strategy still goes through these torch.distributed
+    # .checkpoint entry points; the files it writes are the supported format.
+    r".*`load_state_dict` is deprecated and will be removed.*",
+    r".*Please use DTensor instead and we are deprecating ShardedTensor.*",
 )
 
 
@@ -52,6 +56,19 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step`: after a resume from step N the steps after N are
+        trained again, and the file keeps one record per step."""
+        if self._file is None:
+            return
+        self._file.close()
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", buffering=1)
 
     def close(self) -> None:
         if self._file is not None:

@@ -1,24 +1,35 @@
 """Entry point: `python -m pretrain.train --config configs/X.yaml [section.key=value ...]`.
 
 Reads as the list of builds it performs: config -> process groups -> model -> ZeRO engine ->
-data -> trainer.fit() -> sample. Configuration problems exit with status 2 and one line
-before any process group or model exists.
+data -> checkpoint (resume) -> trainer.fit() -> sample. `build()` returns everything built,
+for tests and tools that need a live model without training.
+
+Exit status: 0 done; 2 a configuration, data or checkpoint problem (one line, before any
+training); 75 (EXIT_REQUEUE) stopped by SIGTERM/SIGUSR1 after saving a checkpoint, to be
+requeued; anything else is a crash.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pretrain.config import ConfigError, load_config, save_config, validate
+from pretrain.log import MetricsWriter, is_rank0, log, quiet_library_warnings
+
+# Before the megatron imports below: they announce optional kernels that are missing here.
+quiet_library_warnings()
+
+from pretrain.checkpoint.signals import EXIT_REQUEUE, StopRequests
+from pretrain.checkpoint.store import CheckpointError
+from pretrain.config import Config, ConfigError, Layout, load_config, save_config, validate
 from pretrain.data.build import build_loaders, build_tokenizer, open_data
 from pretrain.data.sources import DataError
 from pretrain.estimate import describe
 from pretrain.model.spec import choose_backend
-from pretrain.log import MetricsWriter, is_rank0, log, quiet_library_warnings
 from pretrain.parallel import cpu, dist as pdist
 
 
@@ -33,6 +44,77 @@ def parse_args(argv=None):
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides "
                         "(model.preset=NAME swaps in configs/model/NAME.yaml)")
     return parser.parse_intermixed_args(argv)
+
+
+@dataclass
+class Built:
+    """Everything `build()` creates for one rank."""
+
+    cfg: Config
+    layout: Layout
+    data: object  # data.build.OpenedData
+    device: torch.device
+    chunks: list
+    zero: object  # parallel.zero.ZeroEngine
+    scheduler: object
+    loader: object
+    valid_loader: object
+    trainer: object  # trainer.Trainer
+    metrics: MetricsWriter
+    checkpointer: object  # checkpoint.manager.Checkpointer, or None (ZeRO-3)
+
+
+def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool) -> Built:
+    """Process groups, model chunks, optimizer, ZeRO engine, loaders, trainer, checkpointer."""
+    cpu.enable()
+    pdist.init_process_group(env)
+    p = cfg.parallel
+    pdist.init_model_parallel(p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline_chunks,
+                              cfg.train.seed)
+    from megatron.core import parallel_state
+
+    from pretrain.checkpoint.manager import Checkpointer
+    from pretrain.model.gpt import build_model_chunks
+    from pretrain.optim import build_optimizer, build_scheduler
+    from pretrain.parallel.schedule import ModelChunks, proxies
+    from pretrain.parallel.zero import build_engine, deepspeed_config
+    from pretrain.trainer import Trainer
+
+    run_dir = Path(cfg.run.dir)
+    if is_rank0():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        log(describe(cfg, data.vocab_size, env.world_size, bf16))
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    chunks = build_model_chunks(cfg, layout.padded_vocab_size, dtype, device)
+    model = ModelChunks(chunks)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    zero = build_engine(model, optimizer, scheduler, deepspeed_config(
+        p.zero_stage, layout.micro_batch_size, cfg.optim.grad_clip, bf16))
+    # DeepSpeed runs torch-style backward hooks only for ZeRO optimizers; stage 0 calls the
+    # chunks directly and reduces at engine.step().
+    model_proxies = proxies(zero.engine, chunks, through_engine=p.zero_stage > 0)
+
+    loader, valid_loader = build_loaders(cfg, data, layout.micro_batch_size,
+                                         parallel_state.get_data_parallel_rank(),
+                                         layout.data_parallel)
+    for source, weight in zip(data.train, data.train_weights):
+        log(f"data: {source.name} weight {weight:g}: {source.num_samples:,} samples of "
+            f"{source.seq_len} tokens in {len(source.shard_samples)} shards")
+    metrics = MetricsWriter(run_dir)
+    trainer = Trainer(cfg, layout, zero, chunks, model_proxies, loader, metrics, device,
+                      valid_loader=valid_loader,
+                      eval_proxies=proxies(zero.engine, chunks, through_engine=False))
+    checkpointer = None
+    if p.zero_stage < 3:
+        checkpointer = Checkpointer(cfg, layout, zero, chunks, scheduler, loader, trainer.state,
+                                    data, device)
+    return Built(cfg, layout, data, device, chunks, zero, scheduler, loader, valid_loader,
+                 trainer, metrics, checkpointer)
 
 
 def main(argv=None) -> int:
@@ -67,65 +149,49 @@ def main(argv=None) -> int:
             print(describe(cfg, data.vocab_size, world, bf16))
         return 0
 
-    cpu.enable()
-    pdist.init_process_group(env)
-    p = cfg.parallel
-    pdist.init_model_parallel(p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline_chunks,
-                              cfg.train.seed)
-    from megatron.core import parallel_state
-
-    from pretrain.generate import sample
-    from pretrain.model.gpt import build_model_chunks
-    from pretrain.optim import build_optimizer, build_scheduler
-    from pretrain.parallel.schedule import ModelChunks, proxies
-    from pretrain.parallel.zero import build_engine, deepspeed_config
-    from pretrain.trainer import Trainer
-
-    run_dir = Path(cfg.run.dir)
-    if is_rank0():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        log(describe(cfg, data.vocab_size, env.world_size, bf16))
-    device = torch.device("cuda", torch.cuda.current_device()) if has_cuda else torch.device("cpu")
-    dtype = torch.bfloat16 if bf16 else torch.float32
-
-    chunks = build_model_chunks(cfg, layout.padded_vocab_size, dtype, device)
-    model = ModelChunks(chunks)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    zero = build_engine(model, optimizer, scheduler, deepspeed_config(
-        p.zero_stage, layout.micro_batch_size, cfg.optim.grad_clip, bf16))
-    # DeepSpeed runs torch-style backward hooks only for ZeRO optimizers; stage 0 calls the
-    # chunks directly and reduces at engine.step().
-    model_proxies = proxies(zero.engine, chunks, through_engine=p.zero_stage > 0)
-
-    loader, valid_loader = build_loaders(cfg, data, layout.micro_batch_size,
-                                         parallel_state.get_data_parallel_rank(),
-                                         layout.data_parallel)
-    for source, weight in zip(data.train, data.train_weights):
-        log(f"data: {source.name} weight {weight:g}: {source.num_samples:,} samples of "
-            f"{source.seq_len} tokens in {len(source.shard_samples)} shards")
-    metrics = MetricsWriter(run_dir)
-    trainer = Trainer(cfg, layout, zero, chunks, model_proxies, loader, metrics, device,
-                      valid_loader=valid_loader,
-                      eval_proxies=proxies(zero.engine, chunks, through_engine=False))
+    built = build(cfg, layout, data, env, bf16)
+    trainer = built.trainer
+    # From here a stop signal means "finish the step, save, exit EXIT_REQUEUE".
+    trainer.stops = StopRequests()
+    trainer.checkpointer = built.checkpointer
     try:
-        trainer.fit()
-        if cfg.train.sample_tokens > 0 and tokenizer is None:
-            log("no sample: the tokenizer named in the manifest is not readable here; "
-                "set data.tokenizer=PATH.model")
-        elif cfg.train.sample_tokens > 0:
-            prompt = tokenizer.encode("def ")
-            out = sample(proxies(zero.engine, chunks, through_engine=False), prompt,
-                         cfg.train.sample_tokens, cfg.train.seq_length, data.vocab_size,
-                         cfg.train.seed, device)
-            log("---- sample ----\n" + tokenizer.decode(prompt + out) + "\n----------------")
+        if built.checkpointer is not None:
+            loaded = built.checkpointer.load_on_start()
+            if loaded is not None:
+                built.metrics.truncate_after(loaded.step)
+        reason = trainer.fit()
+        if reason == "signal":
+            return EXIT_REQUEUE
+        _sample(built, tokenizer)
+    except CheckpointError as err:
+        if env.rank == 0:
+            print(f"checkpoint error: {err}", file=sys.stderr)
+        return 2
     finally:
-        metrics.close()
-        loader.close()
-    log(f"run directory: {run_dir.resolve()}")
+        trainer.stops.restore()
+        built.metrics.close()
+        built.loader.close()
+    log(f"run directory: {Path(cfg.run.dir).resolve()}")
     pdist.destroy()
     return 0
+
+
+def _sample(built: Built, tokenizer) -> None:
+    from pretrain.generate import sample
+    from pretrain.parallel.schedule import proxies
+
+    cfg = built.cfg
+    if cfg.train.sample_tokens <= 0:
+        return
+    if tokenizer is None:
+        log("no sample: the tokenizer named in the manifest is not readable here; "
+            "set data.tokenizer=PATH.model")
+        return
+    prompt = tokenizer.encode("def ")
+    out = sample(proxies(built.zero.engine, built.chunks, through_engine=False), prompt,
+                 cfg.train.sample_tokens, cfg.train.seq_length, built.data.vocab_size,
+                 cfg.train.seed, built.device)
+    log("---- sample ----\n" + tokenizer.decode(prompt + out) + "\n----------------")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ class Trainer:
     eval_proxies: list = None
     state: TrainState = field(default_factory=TrainState)
     history: list = field(default_factory=list)
+    checkpointer: object = None  # checkpoint.manager.Checkpointer; None: never save
+    stops: object = None  # checkpoint.signals.StopRequests; None: signals keep their defaults
 
     def train_step(self) -> dict:
         micro_batches = [self._to_device(mb) for mb in self.loader.next_step()]
@@ -84,12 +86,18 @@ class Trainer:
             chunk.train()
         return global_mean_loss(total, tokens, self.device)
 
-    def fit(self) -> None:
+    def fit(self) -> str:
+        """Train until train.exit_at_step (or train.steps), or until a stop signal. Returns
+        why it stopped: "done" or "signal" (a checkpoint of the last step was saved)."""
         t = self.cfg.train
         last = t.exit_at_step or t.steps
         tokens_per_step = t.global_batch_size * t.seq_length
         for chunk in self.chunks:
             chunk.train()
+        if self.state.step >= last:
+            log(f"nothing to train: step {self.state.step} already reached "
+                f"{'train.exit_at_step' if t.exit_at_step else 'train.steps'}={last}")
+            return "done"
         while self.state.step < last:
             started = time.perf_counter()
             out = self.train_step()
@@ -114,3 +122,24 @@ class Trainer:
                     f"tokens/s {record['tokens_per_s']:,.0f}{val}")
             if not math.isfinite(out["loss"]):
                 raise FloatingPointError(f"loss became {out['loss']} at step {self.state.step}")
+            stopping = self.stops is not None and self.stops.agreed(self.device)
+            if self._should_save(last, stopping):
+                self.checkpointer.save(self.state.step)
+            elif self.checkpointer is not None:
+                self.checkpointer.poll()
+            if stopping:
+                if self.checkpointer is not None:
+                    self.checkpointer.wait()
+                log(f"stopped by a signal after step {self.state.step}; requeue the job to resume")
+                return "signal"
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
+        return "done"
+
+    def _should_save(self, last: int, stopping: bool) -> bool:
+        if self.checkpointer is None:
+            return False
+        c = self.cfg.checkpoint
+        if c.interval and self.state.step % c.interval == 0:
+            return True
+        return c.save_on_stop and (stopping or self.state.step == last)

@@ -12,16 +12,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def launch(target: list[str], nproc: int, timeout: int, what: str) -> subprocess.CompletedProcess:
-    """Run `python TARGET...` (nproc=1) or torchrun over it; raise with the output on failure.
+def clean_env(extra: dict | None = None) -> dict:
+    """This environment without an enclosing job's launcher variables."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(extra or {}))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(var, None)
+    return env
+
+
+def launch(target: list[str], nproc: int, timeout: int, what: str, expect_rc: int | None = 0,
+           env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python TARGET...` (nproc=1) or torchrun over it; raise with the output when the
+    exit status is not `expect_rc` (None: accept any).
 
     Launcher variables of an enclosing job are dropped so the child starts its own world. A
     new session lets a timeout kill the launcher *and* its ranks, never leaving orphans.
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                "SLURM_PROCID", "SLURM_NTASKS"):
-        env.pop(var, None)
+    env = clean_env(env_extra)
     if nproc == 1:
         cmd = [sys.executable, *target]
     else:
@@ -37,16 +45,62 @@ def launch(target: list[str], nproc: int, timeout: int, what: str) -> subprocess
             stdout, stderr = popen.communicate()
             raise AssertionError(f"{what} timed out after {timeout}s: {' '.join(cmd)}\n"
                                  f"--- stderr ---\n{stderr[-8000:]}") from None
-    if popen.returncode != 0:
-        raise AssertionError(f"{what} failed ({popen.returncode}): {' '.join(cmd)}\n"
+    if expect_rc is not None and popen.returncode != expect_rc:
+        raise AssertionError(f"{what} exited {popen.returncode}, expected {expect_rc}: {' '.join(cmd)}\n"
                              f"--- stdout ---\n{stdout[-4000:]}\n--- stderr ---\n{stderr[-8000:]}")
     return subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
 
 
 def run_training(run_dir: Path, overrides: list[str], nproc: int = 1,
-                 config: str = "configs/smoke.yaml", timeout: int = 300) -> subprocess.CompletedProcess:
+                 config: str = "configs/smoke.yaml", timeout: int = 300, expect_rc: int | None = 0,
+                 env_extra: dict | None = None) -> subprocess.CompletedProcess:
     args = ["--config", config, f"run.dir={run_dir}", *overrides]
-    return launch(["-m", "pretrain.train", *args], nproc, timeout, "training")
+    return launch(["-m", "pretrain.train", *args], nproc, timeout, "training", expect_rc, env_extra)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_ranks(run_dir: Path, overrides: list[str], nproc: int, log_dir: Path,
+                config: str = "configs/smoke.yaml", env_extra: dict | None = None) -> list:
+    """One plain process per rank (as `srun` starts them: no torchrun agent in between), so
+    each rank's own exit status and signals are observable. Output goes to LOG_DIR/rankN.log."""
+    port = str(free_port())
+    procs = []
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for rank in range(nproc):
+        env = clean_env(env_extra)
+        env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        out = open(log_dir / f"rank{rank}.log", "w")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "pretrain.train", "--config", config, f"run.dir={run_dir}",
+             *overrides], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True))
+        out.close()
+    return procs
+
+
+def wait_all(procs: list, timeout: int) -> list[int]:
+    """Exit statuses; on timeout every process is killed and the test fails."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            raise AssertionError(f"ranks did not finish within {timeout}s") from None
+    return codes
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

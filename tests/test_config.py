@@ -197,7 +197,8 @@ def test_validate_zero_2_3_refused_with_pipeline(smoke_config, stage):
     assert f"parallel.zero_stage={stage}" in message and "pipeline_parallel=2" in message
     assert "zero_stage=1" in message  # the fix
     # the same stage without pipelining, and ZeRO-1 with it, are fine
-    validate(smoke_config(f"parallel.zero_stage={stage}"), world_size=2, vocab_size=VOCAB)
+    validate(smoke_config(f"parallel.zero_stage={stage}", "checkpoint.save_on_stop=false"),
+             world_size=2, vocab_size=VOCAB)
     validate(smoke_config("parallel.zero_stage=1", "parallel.pipeline_parallel=2"), world_size=2,
              vocab_size=VOCAB)
 
@@ -234,6 +235,26 @@ def test_validate_bf16_needs_cuda(smoke_config):
     message = _error(validate, cfg, world_size=1, vocab_size=VOCAB, cuda=False)
     assert "parallel.precision=bf16" in message and "precision=auto" in message
     assert validate(cfg, world_size=1, vocab_size=VOCAB, cuda=True) is not None
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["checkpoint.keep_last=0"], "checkpoint.keep_last=0 must be at least 1"),
+    (["checkpoint.interval=-1"], "checkpoint.interval=-1 must not be negative"),
+    (["checkpoint.weights_only=true"], "needs checkpoint.load_from"),
+    (["parallel.zero_stage=3"], "zero_stage 0, 1 and 2"),
+    (["parallel.zero_stage=3", "checkpoint.save_on_stop=false", "checkpoint.interval=5"],
+     "zero_stage 0, 1 and 2"),
+])
+def test_validate_checkpoint_settings(smoke_config, overrides, needle):
+    assert needle in _error(validate, smoke_config(*overrides), world_size=1, vocab_size=VOCAB)
+
+
+def test_async_save_accepts_yaml_booleans(smoke_config):
+    assert smoke_config("checkpoint.async_save=on").checkpoint.async_save == "on"
+    assert smoke_config("checkpoint.async_save=false").checkpoint.async_save == "off"
+    assert smoke_config("checkpoint.async_save=auto").checkpoint.async_save == "auto"
+    with pytest.raises(ConfigError, match="checkpoint.async_save='sometimes'"):
+        smoke_config("checkpoint.async_save=sometimes")
 
 
 def test_validate_without_world_size_returns_none(smoke_config):

@@ -35,7 +35,7 @@ LAYOUTS = {
     "dp2_zero0": (2, ["parallel.zero_stage=0"]),
     "dp2_zero1": (2, ["parallel.zero_stage=1"]),
     "dp2_zero2": (2, ["parallel.zero_stage=2"]),
-    "dp2_zero3": (2, ["parallel.zero_stage=3"]),
+    "dp2_zero3": (2, ["parallel.zero_stage=3", "checkpoint.save_on_stop=false"]),
     "tp2_dp2_zero1": (4, ["parallel.tensor_parallel=2", "parallel.zero_stage=1"]),
     "pp2_dp2_zero1": (4, ["parallel.pipeline_parallel=2", "parallel.zero_stage=1"]),
     "tp2_pp2": (4, ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"]),

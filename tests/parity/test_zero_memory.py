@@ -61,7 +61,8 @@ def measured(tmp_path_factory):
         if name not in cache:
             nproc, stage = LAYOUTS[name]
             root = tmp_path_factory.mktemp(name)
-            overrides = MODEL + [f"parallel.zero_stage={stage}", f"run.dir={root / 'run'}"]
+            overrides = MODEL + [f"parallel.zero_stage={stage}", f"run.dir={root / 'run'}",
+                                 "checkpoint.save_on_stop=false"]
             _launch(nproc, root / "probe", overrides)
             records = [json.loads((root / "probe" / f"rank{r}.json").read_text())
                        for r in range(nproc)]

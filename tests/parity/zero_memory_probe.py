@@ -6,13 +6,9 @@ Run under torchrun (or as one plain process):
     torchrun --standalone --nproc-per-node 2 tests/parity/zero_memory_probe.py \
         --out DIR [--config configs/smoke.yaml] [section.key=value ...]
 
-It builds what `pretrain/train.py` builds, in the same order and with the same functions
-(config -> process groups -> model -> optimizer -> ZeRO engine -> proxies -> loaders ->
-Trainer), trains `train.steps` steps, and writes DIR/rank{R}.json on every rank.
-
-`train.py`'s `main()` builds and runs in one function and returns only an exit status, so
-the build steps are repeated here call for call; a `build(cfg, layout, data, env, bf16)`
-returning the Trainer would let this probe (and other tests) call it instead.
+It builds what the training CLI builds, with `pretrain.train.build()` (process groups ->
+model -> optimizer -> ZeRO engine -> proxies -> loaders -> Trainer), trains `train.steps`
+steps, and writes DIR/rank{R}.json on every rank.
 
 What is counted, and when:
 
@@ -36,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -193,11 +190,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    # The build below follows pretrain/train.py main() step for step.
     from pretrain.config import load_config, validate
-    from pretrain.data.build import build_loaders, open_data
-    from pretrain.log import MetricsWriter, is_rank0, quiet_library_warnings
-    from pretrain.parallel import cpu, dist as pdist
+    from pretrain.data.build import open_data
+    from pretrain.log import quiet_library_warnings
+    from pretrain.parallel import dist as pdist
+    from pretrain.train import build
 
     quiet_library_warnings()
     args = parse_args(argv)
@@ -210,43 +207,20 @@ def main(argv=None) -> int:
     layout = validate(cfg, world_size=env.world_size, vocab_size=data.vocab_size, cuda=has_cuda)
     bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and has_cuda)
 
-    cpu.enable()
-    pdist.init_process_group(env)
-    p = cfg.parallel
-    pdist.init_model_parallel(p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline_chunks,
-                              cfg.train.seed)
+    # Exactly what the training CLI builds; the checkpointer is left unattached (no saves).
+    built = build(cfg, layout, data, env, bf16)
     from megatron.core import parallel_state
 
-    from pretrain.model.gpt import build_model_chunks
-    from pretrain.optim import build_optimizer, build_scheduler
-    from pretrain.parallel.schedule import ModelChunks, proxies
-    from pretrain.parallel.zero import build_engine, deepspeed_config
-    from pretrain.trainer import Trainer
-
-    run_dir = Path(cfg.run.dir)
-    if is_rank0():
-        run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda", torch.cuda.current_device()) if has_cuda else torch.device("cpu")
-    dtype = torch.bfloat16 if bf16 else torch.float32
-
-    chunks = build_model_chunks(cfg, layout.padded_vocab_size, dtype, device)
-    model = ModelChunks(chunks)
-    model_params = list(model.parameters())
-    param_count = sum(t.numel() for t in model_params)  # before ZeRO-3 empties param.data
-    optimizer = build_optimizer(model, cfg.optim)
-    # Element counts per optimizer group, in the order DeepSpeed flattens and partitions them.
-    group_numels = [[t.numel() for t in group["params"]] for group in optimizer.param_groups]
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    zero = build_engine(model, optimizer, scheduler, deepspeed_config(
-        p.zero_stage, layout.micro_batch_size, cfg.optim.grad_clip, bf16))
-    model_proxies = proxies(zero.engine, chunks, through_engine=p.zero_stage > 0)
-    loader, valid_loader = build_loaders(cfg, data, layout.micro_batch_size,
-                                         parallel_state.get_data_parallel_rank(),
-                                         layout.data_parallel)
-    metrics = MetricsWriter(run_dir)
-    trainer = Trainer(cfg, layout, zero, chunks, model_proxies, loader, metrics, device,
-                      valid_loader=valid_loader,
-                      eval_proxies=proxies(zero.engine, chunks, through_engine=False))
+    p, zero, trainer = cfg.parallel, built.zero, built.trainer
+    metrics, loader = built.metrics, built.loader
+    model_params = [t for chunk in built.chunks for t in chunk.parameters()]
+    # ZeRO-3 has emptied param.data by now; its ds_numel/ds_shape keep the real sizes.
+    param_count = sum(getattr(t, "ds_numel", t.numel()) for t in model_params)
+    # Element counts per optimizer group, in the order build_optimizer() groups them and
+    # DeepSpeed flattens and partitions them: matrices (decayed), then vectors.
+    shapes = [tuple(getattr(t, "ds_shape", t.shape)) for t in model_params]
+    group_numels = [[math.prod(s) for s in shapes if len(s) >= 2],
+                    [math.prod(s) for s in shapes if len(s) < 2]]
 
     engine = zero.engine
     stage = p.zero_stage

@@ -1,0 +1,282 @@
+"""The checkpoint directory on disk: names, the completeness record, publish by rename,
+the `latest` pointer, retention and recovery after a crash. No torch.distributed here:
+the manager decides which rank calls what and when.
+
+    RUN/checkpoints/
+        step_00000100/          a complete checkpoint (published by one rename)
+            checkpoint.json     written last inside the staging directory: format, step,
+                                and every other file's size and sha256
+            train_state.json    counters, loader and scheduler state, config, tokenizer
+            ...                 megatron dist_checkpointing files (torch_dist format)
+        step_00000200.tmp-<id>/ a save in progress, or the remains of a killed one
+        latest                  "step_00000200\\n", replaced atomically after the rename
+
+A directory is a checkpoint only when its name is step_N and checkpoint.json lists every
+file with the right size (and, when verified, the right sha256). Readers never trust
+`latest` alone: it is a pointer for people and tools, written last, and a reader falls back
+to the newest complete step_N directory when it is missing or stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT = "pretrain-checkpoint"
+FORMAT_VERSION = 1
+RECORD = "checkpoint.json"
+TRAIN_STATE = "train_state.json"
+LATEST = "latest"
+STEP_RE = re.compile(r"^step_(\d{8})$")
+STAGING_RE = re.compile(r"^step_(\d{8})\.tmp-[0-9a-f]+$")
+TRASH_RE = re.compile(r"^\.trash-.+$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, stated as one line: which one and why."""
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def sha256_file(path: Path, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory below root to stable storage (a rename is only as
+    durable as the data it publishes)."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def list_files(root: Path) -> list[str]:
+    """Every regular file below root, as sorted relative POSIX paths, the record excluded."""
+    out = []
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            rel = Path(dirpath, name).relative_to(root).as_posix()
+            if rel != RECORD:
+                out.append(rel)
+    return sorted(out)
+
+
+def write_record(staging: Path, step: int, hashes: dict[str, str], extra: dict) -> None:
+    """checkpoint.json: the list of files that make this checkpoint, with sizes and
+    digests. Written last; a staging directory without it is incomplete by definition."""
+    files = {}
+    for rel in list_files(staging):
+        if rel not in hashes:
+            raise CheckpointError(f"{staging / rel}: written but not hashed by any rank")
+        files[rel] = {"bytes": (staging / rel).stat().st_size, "sha256": hashes[rel]}
+    missing = sorted(set(hashes) - set(files))
+    if missing:
+        raise CheckpointError(f"{staging}: hashed files are missing: {', '.join(missing[:5])}")
+    record = {"format": FORMAT, "version": FORMAT_VERSION, "step": step, **extra,
+              "files": files}
+    write_text_atomic(staging / RECORD, json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def read_record(path: Path) -> dict:
+    try:
+        record = json.loads((path / RECORD).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no {RECORD}, so the save never finished") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path / RECORD}: unreadable ({err})") from None
+    if record.get("format") != FORMAT:
+        raise CheckpointError(f"{path / RECORD}: not a {FORMAT} record")
+    if record.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path / RECORD}: format version {record.get('version')}, this "
+                              f"code reads version {FORMAT_VERSION}")
+    return record
+
+
+def check_sizes(path: Path, record: dict) -> None:
+    """Every listed file present with its recorded size; nothing unlisted."""
+    present = set(list_files(path))
+    listed = record["files"]
+    for rel, meta in sorted(listed.items()):
+        if rel not in present:
+            raise CheckpointError(f"{path / rel}: listed in {RECORD} but missing")
+        size = (path / rel).stat().st_size
+        if size != meta["bytes"]:
+            raise CheckpointError(f"{path / rel}: {size} bytes, {RECORD} says {meta['bytes']} "
+                                  f"(truncated or overwritten)")
+    extra = sorted(present - set(listed))
+    if extra:
+        raise CheckpointError(f"{path}: files not listed in {RECORD}: {', '.join(extra[:5])}")
+
+
+def check_digests(path: Path, record: dict, names: list[str]) -> None:
+    for rel in names:
+        if sha256_file(path / rel) != record["files"][rel]["sha256"]:
+            raise CheckpointError(f"{path / rel}: sha256 differs from {RECORD} (corrupt)")
+
+
+# torch.distributed.checkpoint reads its `.metadata` index with plain pickle.load (the
+# tensor files themselves with weights_only=True). Before it does, the index is unpickled
+# once with this allowlist, so a crafted checkpoint cannot run code through it: only
+# torch.Size, dtypes, the layout helper and the classes of DCP's own metadata modules.
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                "torch.distributed.checkpoint.planner")
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        import importlib
+
+        import torch
+
+        allowed = (
+            (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
+            or (module == "torch.serialization" and name == "_get_layout")
+            or (module in _DCP_MODULES
+                and isinstance(getattr(importlib.import_module(module), name, None), type)))
+        if not allowed:
+            raise pickle.UnpicklingError(f"refers to {module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_index_pickle(path: Path) -> None:
+    index = path / ".metadata"
+    if not index.exists():
+        return
+    try:
+        with open(index, "rb") as f:
+            _IndexUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as err:
+        raise CheckpointError(f"{index}: not a plain tensor index ({err}); refusing to load it") from None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    step: int
+    path: Path
+
+
+class CheckpointDir:
+    """RUN/checkpoints (or any directory laid out the same way)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ------------------------------------------------------------------ naming
+    def final(self, step: int) -> Path:
+        return self.root / step_name(step)
+
+    def staging(self, step: int, nonce: str) -> Path:
+        return self.root / f"{step_name(step)}.tmp-{nonce}"
+
+    def candidates(self) -> list[Candidate]:
+        """Published step_N directories, newest first (not yet verified)."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for entry in os.scandir(self.root):
+            match = STEP_RE.match(entry.name)
+            if match and entry.is_dir():
+                out.append(Candidate(int(match.group(1)), Path(entry.path)))
+        return sorted(out, key=lambda c: c.step, reverse=True)
+
+    def latest_pointer(self) -> str | None:
+        try:
+            return (self.root / LATEST).read_text().strip() or None
+        except OSError:
+            return None
+
+    # ------------------------------------------------------------------ writing (rank 0)
+    def publish(self, staging: Path, step: int, after_rename=None) -> Path:
+        """Rename a complete staging directory to step_N, then point `latest` at it."""
+        fsync_tree(staging)
+        final = self.final(step)
+        if final.exists():  # a checkpoint of this step from before a crash: replace it
+            self._trash(final)
+        os.rename(staging, final)
+        fsync_dir(self.root)
+        if after_rename is not None:
+            after_rename()
+        write_text_atomic(self.root / LATEST, final.name + "\n")
+        return final
+
+    def _trash(self, path: Path) -> None:
+        # Renamed away first, so a crash in the middle of the delete leaves no step_N
+        # directory with some files gone.
+        trash = self.root / f".trash-{path.name}-{os.getpid()}"
+        os.rename(path, trash)
+        fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def apply_retention(self, keep_last: int, keep_every: int) -> list[int]:
+        """Delete published checkpoints beyond the newest keep_last, except multiples of
+        keep_every. Returns the steps deleted."""
+        deleted = []
+        for index, cand in enumerate(self.candidates()):
+            if index < keep_last or (keep_every and cand.step % keep_every == 0):
+                continue
+            self._trash(cand.path)
+            deleted.append(cand.step)
+        return deleted
+
+    def remove_leftovers(self) -> list[str]:
+        """Staging directories of saves that never finished, and interrupted deletes."""
+        removed = []
+        if not self.root.is_dir():
+            return removed
+        for entry in os.scandir(self.root):
+            if STAGING_RE.match(entry.name) or TRASH_RE.match(entry.name):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.name)
+        return removed
+
+
+def resolve_load_path(path: str | Path) -> tuple[CheckpointDir, Path | None]:
+    """`checkpoint.load_from` may name a step_N directory, a checkpoints directory or a run
+    directory. Returns the checkpoints directory and the one step directory asked for
+    (None: the newest complete one)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint.load_from={path}: no such file or directory")
+    if STEP_RE.match(p.name) and p.is_dir():
+        return CheckpointDir(p.parent), p
+    if (p / "checkpoints").is_dir():
+        return CheckpointDir(p / "checkpoints"), None
+    if any(STEP_RE.match(e.name) for e in os.scandir(p)) or (p / LATEST).exists():
+        return CheckpointDir(p), None
+    raise CheckpointError(f"checkpoint.load_from={path}: neither a step_N checkpoint, a "
+                          f"checkpoints directory nor a run directory with checkpoints/")
