@@ -1,1 +1,2 @@
-"""Launch-side helpers (environment detection, preflight); never imports the trainer."""
+"""Cluster launch helpers: where a job runs (env.py), and the checks that must pass before
+it spends accelerator time (preflight.py). Used by slurm/*.sh."""

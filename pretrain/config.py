@@ -308,6 +308,39 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+# Settings that define a run: resuming in a run directory with any of them changed would
+# mix two different trainings in one directory (layout, steps, LR and checkpoint settings
+# may change between restarts).
+_RUN_IDENTITY = ("model", "data.train", "train.seed", "train.seq_length")
+
+
+def check_run_dir(cfg: Config) -> None:
+    """Refuse a run directory whose config.yaml belongs to a different run."""
+    path = Path(cfg.run.dir) / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        old = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: unreadable ({err}); move it away or use a new run.dir") from None
+    new = cfg.to_dict()
+    diffs = []
+    for name in _RUN_IDENTITY:
+        section, _, key = name.partition(".")
+        a, b = old.get(section, {}), new.get(section, {})
+        if key:
+            a, b = {key: a.get(key)}, {key: b.get(key)}
+        for k in sorted(set(a) | set(b)):
+            if k == "backend" or a.get(k) == b.get(k):  # the backend is an implementation choice
+                continue
+            diffs.append(f"{section}.{k}={a.get(k)!r} there, {b.get(k)!r} here")
+    if diffs:
+        more = f" (and {len(diffs) - 2} more)" if len(diffs) > 2 else ""
+        raise ConfigError(f"run.dir={cfg.run.dir} belongs to another run: its config.yaml has "
+                          f"{'; '.join(diffs[:2])}{more}. Resume with the same settings or "
+                          f"choose a new run.dir")
+
+
 # ---------------------------------------------------------------- derived values and checks
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ quiet_library_warnings()
 
 from pretrain.checkpoint.signals import EXIT_REQUEUE, StopRequests
 from pretrain.checkpoint.store import CheckpointError
-from pretrain.config import Config, ConfigError, Layout, load_config, save_config, validate
+from pretrain.config import (Config, ConfigError, Layout, check_run_dir, load_config, save_config,
+                             validate)
 from pretrain.data.build import build_loaders, build_tokenizer, open_data
 from pretrain.data.sources import DataError
 from pretrain.estimate import describe
@@ -132,6 +133,7 @@ def main(argv=None) -> int:
         data = open_data(cfg)
         tokenizer = build_tokenizer(cfg, data) if cfg.train.sample_tokens > 0 else None
         layout = validate(cfg, world_size=world, vocab_size=data.vocab_size, cuda=planning_cuda)
+        check_run_dir(cfg)
     except ConfigError as err:
         if env.rank == 0:
             print(f"config error: {err}", file=sys.stderr)

@@ -14,10 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def clean_env(extra: dict | None = None) -> dict:
     """This environment without an enclosing job's launcher variables."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(extra or {}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                 "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(var, None)
+    env.update(extra or {})
     return env
 
 

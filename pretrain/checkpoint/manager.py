@@ -55,8 +55,12 @@ MODEL_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "query_group
 def _die_with_parent() -> None:
     """Runs in the Manager's server process: SIGKILL it when the training process dies.
     Otherwise a killed rank leaves the server running, holding the job's stdout/stderr open
-    (a launcher waiting for EOF then waits forever)."""
+    (a launcher waiting for EOF then waits forever). Stop signals are ignored: SLURM sends
+    them to every process of a task, and the server must outlive the checkpoint they ask for."""
     import ctypes
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
     pr_set_pdeathsig = 1
     try:
@@ -411,9 +415,12 @@ class Checkpointer:
                 f"step 0) in {time.perf_counter() - started:.1f} s")
             return Loaded(path, 0, True, not same_layout)
 
+        params = self.opt.params()
         for name, tensors in loaded["optimizer"].items():
             for key, tensor in tensors.items():
-                states[self.opt.params()[int(key[1:])]][name].copy_(tensor)
+                target = states[params[int(key[1:])]][name]
+                if tensor.data_ptr() != target.data_ptr():  # loaded elsewhere (factories)
+                    target.copy_(tensor)
         self.opt.scatter(states, state["optimizer_step"])
         self._install_scheduler(state["scheduler"])
         try:
@@ -441,7 +448,8 @@ class Checkpointer:
                     key = f"model.{name}"
                     if key not in tensors:
                         raise CheckpointError(f"the checkpoint has no value for {key}")
-                    param.copy_(tensors[key])
+                    if tensors[key].data_ptr() != param.data_ptr():  # not loaded in place
+                        param.copy_(tensors[key])
 
     def _install_scheduler(self, sched: dict) -> None:
         self.scheduler.load_state_dict({**sched, "lr_lambdas": [None] * len(sched["base_lrs"])})

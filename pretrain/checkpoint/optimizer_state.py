@@ -110,12 +110,18 @@ class OptimizerState:
                 local = g.partition if name == MASTER else state.get(name)
                 if local is None:
                     local = torch.zeros_like(g.partition)
-                local = local.detach().float()
-                parts = [torch.empty_like(local) for _ in range(world)]
-                dist.all_gather(parts, local.contiguous(), group=g.group)
-                flats[name] = torch.cat(parts).cpu()
+                local = local.detach().float().contiguous()
+                if world == 1:
+                    flat = local
+                else:
+                    flat = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
+                    dist.all_gather_into_tensor(flat, local, group=g.group)
+                # One host copy per buffer; the per-parameter tensors below are views of it.
+                # (On CPU with DP=1 this aliases the live state, which is not modified before
+                # the save has read it: synchronously, or in a forked writer's snapshot.)
+                flats[name] = flat.cpu()
             for p, offset in zip(g.params, g.offsets):
-                out[p] = {name: flat[offset:offset + p.numel()].view(p.shape).clone()
+                out[p] = {name: flat[offset:offset + p.numel()].view(p.shape)
                           for name, flat in flats.items()}
         return out
 
@@ -147,17 +153,22 @@ class OptimizerState:
             lo, hi = rank * size, (rank + 1) * size
             state = self.inner.state.setdefault(g.partition, {})
             for name in self.names() + ((MASTER,) if not self.has_master else ()):
-                flat = torch.zeros(g.flat.numel(), dtype=torch.float32)
+                # Only this rank's range [lo, hi) of the flat buffer is built: the parameters
+                # overlapping it contribute their overlap; alignment padding stays zero.
+                local = torch.zeros(size, dtype=torch.float32)
                 for p, offset in zip(g.params, g.offsets):
+                    a, b = max(offset, lo), min(offset + p.numel(), hi)
+                    if a >= b:
+                        continue
                     source = states[p].get(name)
                     if source is None:  # no separate master copy saved: the weights are it
-                        source = p.detach().float().cpu()
-                    flat[offset:offset + p.numel()] = source.reshape(-1)
-                local = flat[lo:hi].to(g.partition.device)
+                        source = p.detach()
+                    local[a - lo:b - lo] = source.reshape(-1)[a - offset:b - offset].float().cpu()
+                local = local.to(g.partition.device)
                 if name == MASTER:
                     g.partition.data.copy_(local)
                 else:
-                    state[name] = local.clone()
+                    state[name] = local
             state["step"] = torch.tensor(float(step))
 
     def reset_master_from_weights(self) -> None:

@@ -81,9 +81,10 @@ def test_model_mismatch_is_one_line(tmp_path, source_run, override, message):
 def test_tokenizer_mismatch_is_one_line(tmp_path):
     a = write_dataset(tmp_path / "a", 32, [40], tokenizer_sha="aaaa1111" * 8)
     b = write_dataset(tmp_path / "b", 32, [40], tokenizer_sha="bbbb2222" * 8)
-    run_dir = tmp_path / "run"
-    run_training(run_dir, BASE + ["train.exit_at_step=1", f"data.train={a}"])
-    out = run_training(run_dir, BASE + [f"data.train={b}"], expect_rc=2)
+    source = tmp_path / "source"
+    run_training(source, BASE + ["train.exit_at_step=1", f"data.train={a}"])
+    out = run_training(tmp_path / "run", BASE + [f"data.train={b}", f"checkpoint.load_from={source}"],
+                       expect_rc=2)
     errors = [line for line in out.stderr.splitlines() if line.startswith("checkpoint error:")]
     assert len(errors) == 1 and "tokenizer sha256 aaaa1111aaaa" in errors[0] \
         and "bbbb2222bbbb" in errors[0], out.stderr[-2000:]
@@ -92,10 +93,16 @@ def test_tokenizer_mismatch_is_one_line(tmp_path):
 def test_changed_data_is_refused(tmp_path):
     a = write_dataset(tmp_path / "a", 32, [40])
     b = write_dataset(tmp_path / "b", 32, [41])  # same tokenizer, different shards
-    run_dir = tmp_path / "run"
-    run_training(run_dir, BASE + ["train.exit_at_step=1", f"data.train={a}"])
-    out = run_training(run_dir, BASE + [f"data.train={b}"], expect_rc=2)
+    source = tmp_path / "source"
+    run_training(source, BASE + ["train.exit_at_step=1", f"data.train={a}"])
+    out = run_training(tmp_path / "run", BASE + [f"data.train={b}", f"checkpoint.load_from={source}"],
+                       expect_rc=2)
     assert "checkpoint error:" in out.stderr and "different data sources" in out.stderr
+    # Resuming in the source directory itself with other data is refused earlier, as a
+    # directory that belongs to another run.
+    out = run_training(source, BASE + [f"data.train={b}"], expect_rc=2)
+    assert f"config error: run.dir={source} belongs to another run: its config.yaml has " \
+        f"data.train=" in out.stderr
 
 
 def test_bad_load_from_path(tmp_path):
