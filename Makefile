@@ -22,7 +22,8 @@ DEMO := runs/demo
 PY := $(VENV)/bin/python
 
 # The whole pipeline on the embedded corpus: export -> tokenizer -> shards -> training.
-# shard.py reuses finished work, so a second `make demo` starts training almost at once.
+# shard.py reuses finished work; training resumes from runs/demo/run/checkpoints, so a
+# second `make demo` finds the run finished (delete runs/demo/run to train again).
 demo: $(STAMP)
 	$(PY) data_tools/export_embedded_corpus.py --output $(DEMO)/corpus.jsonl
 	$(PY) data_tools/train_tokenizer.py --input $(DEMO)/corpus.jsonl --vocab-size 4096 --output $(DEMO)/tokenizer

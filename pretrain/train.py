@@ -131,7 +131,10 @@ def main(argv=None) -> int:
         validate(cfg, cuda=planning_cuda)  # config alone, before touching any data
         choose_backend(cfg.model.backend, document_masks=cfg.data.reset_attention)
         data = open_data(cfg)
-        tokenizer = build_tokenizer(cfg, data) if cfg.train.sample_tokens > 0 else None
+        # Checked whenever one is named, so a wrong path fails at start-up (and in the SLURM
+        # preflight), not after training when the sample is drawn.
+        tokenizer = build_tokenizer(cfg, data) if (cfg.train.sample_tokens > 0
+                                                    or cfg.data.tokenizer) else None
         layout = validate(cfg, world_size=world, vocab_size=data.vocab_size, cuda=planning_cuda)
         check_run_dir(cfg)
     except ConfigError as err:

@@ -101,6 +101,9 @@ def build_tokenizer(cfg: Config, data: OpenedData):
     from pretrain.data.embedded import ByteTokenizer
 
     source = data.train[0]
+    if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_file():
+        raise DataError(f"data.tokenizer={cfg.data.tokenizer}: no such file; point it at the "
+                        f"PREFIX.model the shards were made with, or leave it empty")
     if source.tokenizer_sha256 == "byte-level":
         return ByteTokenizer()
     path = cfg.data.tokenizer or source.tokenizer_path

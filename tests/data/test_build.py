@@ -50,3 +50,13 @@ def test_missing_dataset_stops_the_cli_before_any_process_group(tmp_path):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("data error:")]
     assert len(errors) == 1 and "missing/manifest.json: no such file" in errors[0]
+
+
+def test_missing_tokenizer_stops_the_dry_run(tmp_path):
+    """A named tokenizer that is not there fails at start-up (the SLURM preflight runs this
+    dry run), not when the end-of-run sample is drawn."""
+    proc = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(SMOKE),
+                           "--dry-run", f"data.tokenizer={tmp_path}/tok.model"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"data error: data.tokenizer={tmp_path}/tok.model: no such file" in proc.stderr
