@@ -69,6 +69,9 @@ MASTER_ADDR=$("$PYTHON" -m launch.env master-addr) || exit 2
 MASTER_PORT=$("$PYTHON" -m launch.env master-port) || exit 2
 export MASTER_ADDR MASTER_PORT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Since SLURM 22.05 srun no longer inherits sbatch's --cpus-per-task; without this every rank
+# would get one CPU for its data-loading threads.
+export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-1}}
 # NCCL: fail a hung collective instead of waiting forever (the watchdog tears the process
 # down, srun's --wait ends the others). Pick the fabric explicitly where auto-detection
 # chooses the wrong interface: NCCL_SOCKET_IFNAME (e.g. ib0 or eth0), NCCL_IB_HCA (mlx5).
