@@ -22,13 +22,15 @@ PORT_BASE, PORT_SPAN = 20000, 20000  # job ports in [20000, 40000): below Linux'
 
 
 def launcher(environ=os.environ) -> str:
-    if "RANK" in environ and "WORLD_SIZE" in environ:
-        return "torchrun"
-    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
-        return "slurm"
-    if "SLURM_JOB_ID" in environ:
-        return "slurm-batch"  # inside sbatch's script, before srun
-    return "single"
+    """The training launcher's answer (pretrain.parallel.dist.detect_env), plus "slurm-batch"
+    for sbatch's script before srun. Imported lazily: the scripts call this module for the
+    rendezvous address, which must not pay for importing torch."""
+    from pretrain.parallel.dist import detect_env
+
+    found = detect_env(environ).launcher
+    if found == "single" and "SLURM_JOB_ID" in environ:
+        return "slurm-batch"
+    return found
 
 
 def expand_hostlist(nodelist: str) -> list[str]:

@@ -59,18 +59,12 @@ def run_training(run_dir: Path, overrides: list[str], nproc: int = 1,
     return launch(["-m", "pretrain.train", *args], nproc, timeout, "training", expect_rc, env_extra)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_ranks(run_dir: Path, overrides: list[str], nproc: int, log_dir: Path,
                 config: str = "configs/smoke.yaml", env_extra: dict | None = None) -> list:
     """One plain process per rank (as `srun` starts them: no torchrun agent in between), so
     each rank's own exit status and signals are observable. Output goes to LOG_DIR/rankN.log."""
+    from pretrain.parallel.dist import free_port
+
     port = str(free_port())
     procs = []
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -320,10 +320,7 @@ class Checkpointer:
         if chosen is not None:
             return (*chosen, False)
         if c.load_from:
-            try:
-                source, exact = store.resolve_load_path(c.load_from)
-            except CheckpointError as err:
-                raise CheckpointError(str(err)) from None
+            source, exact = store.resolve_load_path(c.load_from)
             chosen = self._newest_complete(source, exact)
             if chosen is None:
                 raise CheckpointError(f"checkpoint.load_from={c.load_from}: no complete checkpoint "
@@ -355,7 +352,7 @@ class Checkpointer:
                 record = store.read_record(path)
                 store.check_sizes(path, record)
                 store.check_index_pickle(path)
-                result = [None, sorted(record["files"])]
+                result = [None, record]
             except CheckpointError as err:
                 result = [str(err), None]
         dist.broadcast_object_list(result, src=0)
@@ -363,10 +360,10 @@ class Checkpointer:
             return result[0]
         if not self.cfg.checkpoint.verify:
             return None
-        record = store.read_record(path)
+        record = result[1]  # read once, on rank 0
         problem = None
         try:
-            store.check_digests(path, record, result[1][self.rank::self.world])
+            store.check_digests(path, record, sorted(record["files"])[self.rank::self.world])
         except CheckpointError as err:
             problem = str(err)
         problems = [None] * self.world

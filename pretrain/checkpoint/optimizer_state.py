@@ -152,7 +152,8 @@ class OptimizerState:
             rank, size = dist.get_rank(g.group), g.partition.numel()
             lo, hi = rank * size, (rank + 1) * size
             state = self.inner.state.setdefault(g.partition, {})
-            for name in self.names() + ((MASTER,) if not self.has_master else ()):
+            # Master weights are always installed: from the saved copy, else from the weights.
+            for name in MOMENTS + (MASTER,):
                 # Only this rank's range [lo, hi) of the flat buffer is built: the parameters
                 # overlapping it contribute their overlap; alignment padding stays zero.
                 local = torch.zeros(size, dtype=torch.float32)

@@ -33,7 +33,7 @@ def detect_env(environ=os.environ) -> ProcessEnv:
     return ProcessEnv(0, 1, 0, "single")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -51,7 +51,7 @@ def init_process_group(env: ProcessEnv, timeout_minutes: int = 30) -> str:
                       LOCAL_RANK=str(env.local_rank))
     if env.launcher == "single":
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         raise RuntimeError(f"launched by {env.launcher} with {env.world_size} ranks but "
                            f"MASTER_ADDR/MASTER_PORT are not set; export them (the SLURM script "
