@@ -323,7 +323,20 @@ def check_run_dir(cfg: Config) -> None:
         old = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: unreadable ({err}); move it away or use a new run.dir") from None
-    new = cfg.to_dict()
+    # Read back through the same coercion as any config, so a file written by an older
+    # version (a key it did not have yet, `train: embedded` before blends were lists)
+    # compares by meaning, not by spelling; keys this version no longer has are skipped.
+    saved = Config()
+    for section, values in (old if isinstance(old, dict) else {}).items():
+        target = getattr(saved, section, None)
+        if not dataclasses.is_dataclass(target) or not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            try:
+                _apply(target, key, value, f"{section}.{key}")
+            except ConfigError:
+                continue
+    old, new = saved.to_dict(), cfg.to_dict()
     diffs = []
     for name in _RUN_IDENTITY:
         section, _, key = name.partition(".")

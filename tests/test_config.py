@@ -325,8 +325,9 @@ def test_cli_unknown_key_exits_2():
     assert "config error:" in proc.stderr and "model.hiden_size" in proc.stderr
 
 
-def test_cli_dry_run_prints_plan():
+def test_cli_dry_run_prints_plan(tmp_path):
     proc = _train("--config", "configs/smoke.yaml", "--dry-run", "--world-size", "8",
+                  f"run.dir={tmp_path}",
                   "parallel.tensor_parallel=2", "parallel.pipeline_parallel=2")
     assert proc.returncode == 0, proc.stderr
     assert "parameters:" in proc.stdout

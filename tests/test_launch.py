@@ -12,7 +12,8 @@ import pytest
 from launch import env as lenv
 from launch import preflight
 from pretrain.config import ConfigError, check_run_dir, load_config, save_config
-from tests.launch_helpers import clean_env, free_port
+from pretrain.parallel.dist import free_port
+from tests.launch_helpers import clean_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,3 +97,18 @@ def test_run_dir_owned_by_another_run(tmp_path):
         with pytest.raises(ConfigError, match="belongs to another run") as info:
             check_run_dir(load_config(smoke, [f"run.dir={tmp_path}", override]))
         assert needle in str(info.value)
+
+
+def test_run_dir_of_an_older_version_compares_by_meaning(tmp_path):
+    """A config.yaml written before a key existed, or in an older spelling, is the same run."""
+    smoke = REPO / "configs" / "smoke.yaml"
+    cfg = load_config(smoke, [f"run.dir={tmp_path}"])
+    old = cfg.to_dict()
+    del old["model"]["vocab_size"]  # a key added later: its default is what the old run used
+    old["data"]["train"] = "embedded"  # the string form, before blends were lists
+    (tmp_path / "config.yaml").write_text(__import__("yaml").safe_dump(old))
+    check_run_dir(cfg)
+    old["model"]["hidden_size"] = 128
+    (tmp_path / "config.yaml").write_text(__import__("yaml").safe_dump(old))
+    with pytest.raises(ConfigError, match="model.hidden_size=128 there, 64 here"):
+        check_run_dir(cfg)
