@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 DEMO := runs/demo
 PY := $(VENV)/bin/python
 
-# The whole pipeline on the embedded corpus: export -> tokenizer -> shards -> training.
+# The whole pipeline on the embedded corpus: export -> tokenizer -> shards -> training ->
+# curves (PNG) and TensorBoard events.
 # shard.py reuses finished work; training resumes from runs/demo/run/checkpoints, so a
 # second `make demo` finds the run finished (delete runs/demo/run to train again).
 demo: $(STAMP)
@@ -29,6 +30,8 @@ demo: $(STAMP)
 	$(PY) data_tools/train_tokenizer.py --input $(DEMO)/corpus.jsonl --vocab-size 4096 --output $(DEMO)/tokenizer
 	$(PY) data_tools/shard.py --input $(DEMO)/corpus.jsonl --output $(DEMO)/data --tokenizer $(DEMO)/tokenizer.model --seq-len 256 --val-fraction 0.02 --num-workers $(NPROC)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m pretrain.train --config configs/demo.yaml
+	$(PY) -m pretrain.plot $(DEMO)/run -o $(DEMO)/curves.png
+	@echo "demo: curves in $(DEMO)/curves.png; TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO)/run/tensorboard"
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests

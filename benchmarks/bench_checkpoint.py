@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     layout = validate(cfg, world_size=1, vocab_size=data.vocab_size)
     built = build(cfg, layout, data, pdist.detect_env(), bf16=False)
     built.trainer.fit()  # one step: Adam state exists
-    ckpt = built.checkpointer
+    ckpt = built.trainer.checkpointer
     params = [p for chunk in built.chunks for p in chunk.parameters()]
     n_params = sum(p.numel() for p in params)
 

@@ -22,6 +22,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
@@ -152,6 +153,10 @@ def inspect(directory: Path, samples: int, tokenizer: str | None, out=None) -> i
     failures, shards_total = 0, 0
     kept: dict[str, dict[int, np.ndarray]] = {}
     listed = set()
+    # Reading and hashing every shard takes a while for a real corpus; a bar on a terminal
+    # only (disable=None), so reports written to files or pipes stay plain.
+    bar = tqdm(total=sum(len(info.get("shards", [])) for info in manifest["splits"].values()),
+               unit="shard", desc="verify", file=sys.stderr, disable=None, dynamic_ncols=True)
     for split, info in manifest["splits"].items():
         total = int(info.get("samples", 0))
         # Samples to decode: evenly spaced over the train split.
@@ -163,6 +168,7 @@ def inspect(directory: Path, samples: int, tokenizer: str | None, out=None) -> i
             key += int(meta.get("samples", 0))
             checks.append(check)
             shards_total += 1
+            bar.update(1)
             for problem in check.problems:
                 print(f"FAIL {check.name}: {problem}", file=out)
             failures += bool(check.problems)
@@ -179,6 +185,11 @@ def inspect(directory: Path, samples: int, tokenizer: str | None, out=None) -> i
               f"{docs.mean():.2f}, min {docs.min()}, max {docs.max()}; "
               f"{sum(c.eods for c in checks):,} EOD", file=out)
         kept[split] = {k: v for c in checks for k, v in c.kept.items()}
+        stream = read * (manifest["seq_len"] + 1) + manifest.get("tokens_dropped_tail", {}).get(split, 0)
+        if isinstance(info.get("text_bytes"), int) and stream:
+            print(f"{split}: {_mb(info['text_bytes'])} of text, "
+                  f"{info['text_bytes'] / stream:.2f} bytes per token", file=out)
+    bar.close()
     extra = sorted(n for n in os.listdir(directory) if manifest_lib.SHARD_NAME_RE.match(n) and n not in listed)
     if extra:
         print(f"note: {len(extra)} shard files not in the manifest (ignored): {', '.join(extra[:5])}", file=out)

@@ -116,10 +116,11 @@ def expand_inputs(specs: list[str]) -> tuple[list[Path], int]:
 class _HashingReader(io.RawIOBase):
     """Passes a file's raw bytes through a sha256, so inputs are hashed in the one read."""
 
-    def __init__(self, raw):
+    def __init__(self, raw, progress=None):
         self.raw = raw
         self.digest = hashlib.sha256()
         self.size = 0
+        self.progress = progress  # a tqdm bar counting input bytes, or None
 
     def readable(self) -> bool:
         return True
@@ -129,6 +130,8 @@ class _HashingReader(io.RawIOBase):
         if n:
             self.digest.update(memoryview(buffer)[:n])
             self.size += n
+            if self.progress is not None:
+                self.progress.update(n)
         return n
 
 
@@ -260,36 +263,48 @@ def collect_sentences(paths: list[Path], text_key: str, sampler: ReservoirSample
                       stats: CorpusStats) -> list[dict]:
     """Read every input in order, feeding its non-empty lines (long ones split) to the sampler;
     returns the card's inputs list."""
+    from tqdm import tqdm
+
     inputs = []
-    for path in paths:
-        kind = _kind(path)
-        try:
-            with open(path, "rb") as raw:
-                hashing = _HashingReader(raw)
-                buffered = io.BufferedReader(hashing, 1 << 20)
-                stream = gzip.GzipFile(fileobj=buffered, mode="rb") if kind.endswith(".gz") else buffered
-                try:
-                    for text in _documents(path, kind, stream, text_key, stats):
-                        for line in text.split("\n"):
-                            if not line:
-                                stats.empty_lines += 1
-                                continue
-                            pieces = split_long_line(line)
-                            if len(pieces) > 1:
-                                stats.long_lines_split += 1
-                                stats.long_line_chunks += len(pieces)
-                            for piece in pieces:
-                                stats.sentences += 1
-                                sampler.add(piece)
-                except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-                    raise InputError(f"{path}: not a valid gzip file ({err}); re-compress it or "
-                                     f"pass the uncompressed .jsonl") from None
-                while buffered.read(1 << 20):  # hash any bytes the reader did not need
-                    pass
-        except OSError as err:
-            raise InputError(f"{path}: cannot read ({err.strerror or err})") from None
-        inputs.append({"path": str(path), "bytes": hashing.size, "sha256": hashing.digest.hexdigest()})
+    # A bar on a terminal only (disable=None): logs and pipes stay free of carriage returns.
+    total = sum(p.stat().st_size for p in paths if p.is_file())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="read", file=sys.stderr,
+              disable=None, dynamic_ncols=True, mininterval=0.5) as bar:
+        for path in paths:
+            inputs.append(_collect_file(path, text_key, sampler, stats, bar))
     return inputs
+
+
+def _collect_file(path: Path, text_key: str, sampler: ReservoirSampler, stats: CorpusStats,
+                  bar) -> dict:
+    """One input file's lines into the sampler; returns its entry of the card's inputs."""
+    kind = _kind(path)
+    try:
+        with open(path, "rb") as raw:
+            hashing = _HashingReader(raw, bar)
+            buffered = io.BufferedReader(hashing, 1 << 20)
+            stream = gzip.GzipFile(fileobj=buffered, mode="rb") if kind.endswith(".gz") else buffered
+            try:
+                for text in _documents(path, kind, stream, text_key, stats):
+                    for line in text.split("\n"):
+                        if not line:
+                            stats.empty_lines += 1
+                            continue
+                        pieces = split_long_line(line)
+                        if len(pieces) > 1:
+                            stats.long_lines_split += 1
+                            stats.long_line_chunks += len(pieces)
+                        for piece in pieces:
+                            stats.sentences += 1
+                            sampler.add(piece)
+            except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+                raise InputError(f"{path}: not a valid gzip file ({err}); re-compress it or "
+                                 f"pass the uncompressed .jsonl") from None
+            while buffered.read(1 << 20):  # hash any bytes the reader did not need
+                pass
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror or err})") from None
+    return {"path": str(path), "bytes": hashing.size, "sha256": hashing.digest.hexdigest()}
 
 
 # ---------------------------------------------------------------- training
@@ -430,6 +445,9 @@ def main(argv=None) -> int:
                              + ("" if any(_kind(p) == ".txt" for p in paths) else " and --text-key"))
         sentences = sampler.sample()
         options = sentencepiece_options(args)
+        if sys.stderr.isatty():  # sentencepiece reports no progress; say what the wait is
+            print(f"training a {args.model_type} tokenizer on {len(sentences):,} sentences ...",
+                  file=sys.stderr, flush=True)
         model = train_model(sentences, options, args.seed, args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -137,6 +137,27 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    # Weights & Biases: off unless a project is named. `offline` needs no account or network
+    # (sync later with `wandb sync RUN/wandb/offline-run-*`); `online` needs `wandb login` or
+    # WANDB_API_KEY. The run id is kept in RUN/wandb_run_id, so a resumed or requeued job
+    # continues the same W&B run.
+    project: str = ""
+    entity: str = ""
+    name: str = ""  # "": the run directory's name
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = False  # event files under RUN/tensorboard/ (rank 0)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Peak dense bf16 TFLOP/s of one accelerator for MFU; 0: from the GPU's name (H100, H200,
+    # A100, ...). On CPU, MFU is reported only when this is set.
+    peak_tflops: float = 0.0
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -145,6 +166,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -187,6 +209,14 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise ConfigError(f"{where}={value!r} must be a string")
     if annotation is list:
         return _coerce_blend(value, where)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r} must be a mapping of "
+                              f"{', '.join(f.name for f in dataclasses.fields(annotation))}")
+        obj = annotation()
+        for key, item in value.items():
+            _apply(obj, str(key), item, f"{where}.{key}")
+        return obj
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(annotation):
             try:
@@ -223,6 +253,11 @@ def _section_types(cls) -> dict[str, Any]:
 
 def _apply(section_obj: Any, key: str, value: Any, where: str) -> None:
     hints = _section_types(type(section_obj))
+    head, dot, rest = key.partition(".")
+    if dot and head in hints and dataclasses.is_dataclass(hints[head]):
+        # A dotted key into a nested section (logging.wandb.mode=offline) sets one field.
+        _apply(getattr(section_obj, head), rest, value, where)
+        return
     if key not in hints:
         known = ", ".join(sorted(hints))
         raise ConfigError(f"unknown key {where!r}; known keys of this section: {known}")
@@ -481,6 +516,13 @@ def validate(cfg: Config, world_size: int | None = None, vocab_size: int | None 
         raise ConfigError("checkpoints support parallel.zero_stage 0, 1 and 2 (ZeRO-3 also "
                           "partitions the weights, which the checkpoint format does not map); use "
                           "zero_stage=2, or checkpoint.interval=0 checkpoint.save_on_stop=false")
+    lg = cfg.logging
+    if not (math.isfinite(lg.peak_tflops) and lg.peak_tflops >= 0):
+        raise ConfigError(f"logging.peak_tflops={lg.peak_tflops} must be a finite number >= 0 "
+                          f"(0: from the GPU's name)")
+    if not lg.wandb.project and (lg.wandb.entity or lg.wandb.name):
+        raise ConfigError("logging.wandb.entity/name are set but logging.wandb.project is empty; "
+                          "set logging.wandb.project=NAME to log to Weights & Biases")
     if t.micro_batch_size > t.global_batch_size:
         raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} exceeds "
                           f"train.global_batch_size={t.global_batch_size}")

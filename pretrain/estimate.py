@@ -184,3 +184,42 @@ def describe(cfg: Config, vocab_size: int, world_size: int, bf16: bool) -> str:
         f"  total       {human_bytes(mem.total_bytes)}",
     ]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- compute and MFU
+
+def flops_per_token(cfg: Config, vocab_size: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward), as PaLM (Chowdhery et al.
+    2022, appendix B) and Megatron-LM count them:
+
+        6 * N  +  12 * num_layers * hidden_size * seq_length
+
+    N is every parameter that takes part in a matrix multiply: the transformer layers, the
+    final norm and the output projection (padded vocabulary x hidden, counted once whether
+    or not it is tied to the input embedding, whose lookup costs no FLOPs; learned position
+    embeddings are excluded for the same reason). The second term is attention's QK^T and
+    AV products (2 x 2 x s x h per layer and token, times 3 for training), without the
+    saving of the causal mask, as the reference numbers in BENCHMARKS.md are counted.
+    Recomputation is not counted: MFU measures useful work, not hardware FLOPs."""
+    counts = parameter_counts(cfg, vocab_size)
+    m = cfg.model
+    matmul_params = counts["non_embedding"] + counts["padded_vocab_size"] * m.hidden_size
+    return 6.0 * matmul_params + 12.0 * m.num_layers * m.hidden_size * cfg.train.seq_length
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched
+# against torch.cuda.get_device_name() in order: the first pattern contained in the name wins.
+PEAK_BF16_TFLOPS = (
+    ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0),
+    ("H100", 989.0), ("H800", 989.0), ("B200", 2250.0), ("B100", 1750.0),
+    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+    ("A10G", 70.0), ("A10", 125.0), ("MI300X", 1307.0), ("MI250X", 383.0),
+)
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The accelerator's dense bf16 peak from its name, or None when it is not known."""
+    for pattern, tflops in PEAK_BF16_TFLOPS:
+        if pattern in device_name:
+            return tflops
+    return None

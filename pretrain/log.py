@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-from pathlib import Path
-
 import warnings
 
 import torch.distributed as dist
@@ -44,35 +40,3 @@ def log(message: str) -> None:
 def warn(message: str) -> None:
     if is_rank0():
         print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-class MetricsWriter:
-    """Appends one JSON object per logged step to RUN/metrics.jsonl (rank 0)."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = open(self.path, "a", buffering=1) if is_rank0() else None
-
-    def write(self, record: dict) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records past `step`: after a resume from step N the steps after N are
-        trained again, and the file keeps one record per step."""
-        if self._file is None:
-            return
-        self._file.close()
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
-        self._file = open(self.path, "a", buffering=1)
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None

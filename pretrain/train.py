@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.log import MetricsWriter, is_rank0, log, quiet_library_warnings
+from pretrain.log import is_rank0, log, quiet_library_warnings
 
 # Before the megatron imports below: they announce optional kernels that are missing here.
 quiet_library_warnings()
@@ -32,6 +32,7 @@ from pretrain.data.sources import DataError
 from pretrain.estimate import describe
 from pretrain.model.spec import choose_backend
 from pretrain.parallel import cpu, dist as pdist
+from pretrain.trackers import check_wandb
 
 
 def parse_args(argv=None):
@@ -59,14 +60,13 @@ class Built:
     zero: object  # parallel.zero.ZeroEngine
     scheduler: object
     loader: object
-    valid_loader: object
-    trainer: object  # trainer.Trainer
-    metrics: MetricsWriter
-    checkpointer: object  # checkpoint.manager.Checkpointer, or None (ZeRO-3)
+    trainer: object  # trainer.Trainer (with its hooks, validation sets and checkpointer)
 
 
-def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool) -> Built:
-    """Process groups, model chunks, optimizer, ZeRO engine, loaders, trainer, checkpointer."""
+def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
+          stops: StopRequests | None = None) -> Built:
+    """Process groups, model chunks, optimizer, ZeRO engine, loaders, checkpointer, hooks and
+    the trainer over them. `stops`: the stop-signal recorder the trainer polls (None: none)."""
     cpu.enable()
     pdist.init_process_group(env)
     p = cfg.parallel
@@ -75,11 +75,12 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool) 
     from megatron.core import parallel_state
 
     from pretrain.checkpoint.manager import Checkpointer
+    from pretrain.hooks import build_hooks
     from pretrain.model.gpt import build_model_chunks
     from pretrain.optim import build_optimizer, build_scheduler
     from pretrain.parallel.schedule import ModelChunks, proxies
     from pretrain.parallel.zero import build_engine, deepspeed_config
-    from pretrain.trainer import Trainer
+    from pretrain.trainer import Trainer, TrainState
 
     run_dir = Path(cfg.run.dir)
     if is_rank0():
@@ -100,22 +101,26 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool) 
     # chunks directly and reduces at engine.step().
     model_proxies = proxies(zero.engine, chunks, through_engine=p.zero_stage > 0)
 
-    loader, valid_loader = build_loaders(cfg, data, layout.micro_batch_size,
-                                         parallel_state.get_data_parallel_rank(),
-                                         layout.data_parallel)
+    loader, valid_sets = build_loaders(cfg, data, layout.micro_batch_size,
+                                       parallel_state.get_data_parallel_rank(),
+                                       layout.data_parallel)
     for source, weight in zip(data.train, data.train_weights):
         log(f"data: {source.name} weight {weight:g}: {source.num_samples:,} samples of "
             f"{source.seq_len} tokens in {len(source.shard_samples)} shards")
-    metrics = MetricsWriter(run_dir)
-    trainer = Trainer(cfg, layout, zero, chunks, model_proxies, loader, metrics, device,
-                      valid_loader=valid_loader,
-                      eval_proxies=proxies(zero.engine, chunks, through_engine=False))
+    for vs in valid_sets:
+        if vs.bytes_per_token is None:
+            log(f"validation: {vs.name} has no text_bytes in its manifest (made by an older "
+                f"shard.py): bits-per-byte is omitted; re-shard to report it")
+    state = TrainState()
     checkpointer = None
     if p.zero_stage < 3:
-        checkpointer = Checkpointer(cfg, layout, zero, chunks, scheduler, loader, trainer.state,
-                                    data, device)
-    return Built(cfg, layout, data, device, chunks, zero, scheduler, loader, valid_loader,
-                 trainer, metrics, checkpointer)
+        checkpointer = Checkpointer(cfg, layout, zero, chunks, scheduler, loader, state, data,
+                                    device)
+    trainer = Trainer(cfg, layout, zero, chunks, model_proxies, loader, device,
+                      hooks=build_hooks(cfg, run_dir), valid_sets=valid_sets,
+                      eval_proxies=proxies(zero.engine, chunks, through_engine=False),
+                      checkpointer=checkpointer, stops=stops, state=state)
+    return Built(cfg, layout, data, device, chunks, zero, scheduler, loader, trainer)
 
 
 def main(argv=None) -> int:
@@ -137,6 +142,7 @@ def main(argv=None) -> int:
                                                     or cfg.data.tokenizer) else None
         layout = validate(cfg, world_size=world, vocab_size=data.vocab_size, cuda=planning_cuda)
         check_run_dir(cfg)
+        check_wandb(cfg)
     except ConfigError as err:
         if env.rank == 0:
             print(f"config error: {err}", file=sys.stderr)
@@ -154,16 +160,13 @@ def main(argv=None) -> int:
             print(describe(cfg, data.vocab_size, world, bf16))
         return 0
 
-    built = build(cfg, layout, data, env, bf16)
+    # From here a stop signal means "finish the step, save, exit EXIT_REQUEUE"; one that
+    # comes during the build is acted on after the first step.
+    stops = StopRequests()
+    built = build(cfg, layout, data, env, bf16, stops)
     trainer = built.trainer
-    # From here a stop signal means "finish the step, save, exit EXIT_REQUEUE".
-    trainer.stops = StopRequests()
-    trainer.checkpointer = built.checkpointer
     try:
-        if built.checkpointer is not None:
-            loaded = built.checkpointer.load_on_start()
-            if loaded is not None:
-                built.metrics.truncate_after(loaded.step)
+        trainer.resume()
         reason = trainer.fit()
         if reason == "signal":
             return EXIT_REQUEUE
@@ -173,9 +176,8 @@ def main(argv=None) -> int:
             print(f"checkpoint error: {err}", file=sys.stderr)
         return 2
     finally:
-        trainer.stops.restore()
-        built.metrics.close()
-        built.loader.close()
+        stops.restore()
+        trainer.close()
     log(f"run directory: {Path(cfg.run.dir).resolve()}")
     pdist.destroy()
     return 0

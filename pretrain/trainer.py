@@ -1,5 +1,6 @@
 """The training loop: one global batch per step through the pipeline schedule, then the
-ZeRO step; a console line and a metrics record per logged step."""
+ZeRO step; evaluation, the stop agreement and checkpoint saves in a fixed order on every
+rank, and a record per step handed to the hooks (hooks.py) that watch."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from dataclasses import dataclass, field
 
 import torch
 from pretrain.config import Config, Layout
-from pretrain.log import MetricsWriter, log
+from pretrain.estimate import flops_per_token, peak_tflops
+from pretrain.hooks import Hooks, perplexity
+from pretrain.log import log
 from pretrain.parallel.schedule import (
     allreduce_tied_embedding_grads,
     forward_backward,
@@ -32,6 +35,43 @@ class TrainState:
 
 
 @dataclass
+class ValidSet:
+    """One validation source with its own loader, so each is reported on its own."""
+
+    name: str
+    loader: object  # data.loader.BlendedLoader over this source alone
+    weight: float  # its weight in the blend, for the combined numbers
+    bytes_per_token: float | None  # None: no bits-per-byte (manifest without text_bytes)
+
+
+class Throughput:
+    """Model FLOPs utilisation from the analytic FLOPs per token (estimate.flops_per_token)
+    and the accelerator's peak (logging.peak_tflops, else from the GPU's name)."""
+
+    def __init__(self, cfg: Config, layout: Layout, device: torch.device):
+        self.flops_per_token = flops_per_token(cfg, layout.padded_vocab_size)
+        self.world_size = layout.world_size
+        self.cuda = device.type == "cuda"
+        self.peak = cfg.logging.peak_tflops or None
+        if self.peak is None and self.cuda:
+            name = torch.cuda.get_device_name(device)
+            self.peak = peak_tflops(name)
+            if self.peak is None:
+                log(f"mfu: peak FLOP/s of {name!r} unknown; set logging.peak_tflops to report MFU")
+
+    def metrics(self, tokens: int, seconds: float) -> dict:
+        tflops = tokens * self.flops_per_token / seconds / self.world_size / 1e12
+        out = {"tflops_per_gpu": tflops}
+        if self.peak:
+            out["mfu"] = tflops / self.peak
+        if self.cuda:
+            out["memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            out["memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+        return out
+
+
+@dataclass
 class Trainer:
     cfg: Config
     layout: Layout
@@ -39,17 +79,22 @@ class Trainer:
     chunks: list
     model_proxies: list
     loader: object
-    metrics: MetricsWriter
     device: torch.device
-    valid_loader: object = None
+    hooks: Hooks = field(default_factory=lambda: Hooks([]))
+    valid_sets: list = field(default_factory=list)  # [ValidSet]; empty: no evaluation
     eval_proxies: list = None
-    state: TrainState = field(default_factory=TrainState)
-    history: list = field(default_factory=list)
     checkpointer: object = None  # checkpoint.manager.Checkpointer; None: never save
     stops: object = None  # checkpoint.signals.StopRequests; None: signals keep their defaults
+    state: TrainState = field(default_factory=TrainState)
+    history: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.throughput = Throughput(self.cfg, self.layout, self.device)
 
     def train_step(self) -> dict:
+        waited = time.perf_counter()
         micro_batches = [self._to_device(mb) for mb in self.loader.next_step()]
+        waited = time.perf_counter() - waited
         lr = self.zero.engine.get_lr()[0]
         loss_sum, num_tokens = forward_backward(
             self.model_proxies, micro_batches, self.cfg.train.seq_length,
@@ -57,7 +102,7 @@ class Trainer:
         allreduce_tied_embedding_grads(self.chunks)
         self.zero.engine.step()
         loss = global_mean_loss(loss_sum, num_tokens, self.device)
-        return {"loss": loss, "lr": lr, "grad_norm": self.zero.grad_norm()}
+        return {"loss": loss, "lr": lr, "grad_norm": self.zero.grad_norm(), "data_wait_s": waited}
 
     def _to_device(self, micro):
         if self.device.type == "cpu":
@@ -66,13 +111,10 @@ class Trainer:
                              for t in vars(micro).values()))
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean validation loss over the same `eval_batches` global batches every time."""
-        loader = self.valid_loader
+    def _mean_loss(self, loader) -> float:
+        """Mean loss over the same `eval_batches` global batches of `loader` every time."""
         loader.load_state_dict({**loader.state_dict(), "position": 0,
                                 "consumed": [0] * len(loader.sources)})
-        for chunk in self.chunks:
-            chunk.eval()
         total, tokens = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         for _ in range(self.cfg.train.eval_batches):
             micro_batches = [self._to_device(mb) for mb in loader.next_step()]
@@ -82,13 +124,50 @@ class Trainer:
                 self.layout.micro_batch_size, forward_only=True)
             total += loss_sum
             tokens += num_tokens
+        return global_mean_loss(total, tokens, self.device)
+
+    def evaluate(self) -> dict:
+        """val_loss, val_ppl and val_bpb (bits per UTF-8 byte), and the same per source
+        (`val_loss/NAME`, ...) when there are several. The combined loss weighs the sources
+        as the blend does; combined bits-per-byte is total bits over total bytes."""
+        for chunk in self.chunks:
+            chunk.eval()
+        losses = [self._mean_loss(vs.loader) for vs in self.valid_sets]
         for chunk in self.chunks:
             chunk.train()
-        return global_mean_loss(total, tokens, self.device)
+        weights = [vs.weight / sum(v.weight for v in self.valid_sets) for vs in self.valid_sets]
+        loss = sum(w * l for w, l in zip(weights, losses))
+        out = {"val_loss": loss, "val_ppl": perplexity(loss)}
+        if all(vs.bytes_per_token for vs in self.valid_sets):
+            byte_count = sum(w * vs.bytes_per_token for w, vs in zip(weights, self.valid_sets))
+            out["val_bpb"] = loss / math.log(2) / byte_count
+        if len(self.valid_sets) > 1:
+            for vs, l in zip(self.valid_sets, losses):
+                out[f"val_loss/{vs.name}"] = l
+                out[f"val_ppl/{vs.name}"] = perplexity(l)
+                if vs.bytes_per_token:
+                    out[f"val_bpb/{vs.name}"] = l / math.log(2) / vs.bytes_per_token
+        return out
+
+    def resume(self) -> None:
+        """Load the newest complete checkpoint (or checkpoint.load_from), if any."""
+        if self.checkpointer is None:
+            return
+        loaded = self.checkpointer.load_on_start()
+        if loaded is not None:
+            self.hooks.on_checkpoint_loaded(self, loaded.step)
 
     def fit(self) -> str:
         """Train until train.exit_at_step (or train.steps), or until a stop signal. Returns
         why it stopped: "done" or "signal" (a checkpoint of the last step was saved)."""
+        reason = "error"
+        try:
+            reason = self._loop()
+        finally:
+            self.hooks.on_train_end(self, reason)
+        return reason
+
+    def _loop(self) -> str:
         t = self.cfg.train
         last = t.exit_at_step or t.steps
         tokens_per_step = t.global_batch_size * t.seq_length
@@ -98,6 +177,7 @@ class Trainer:
             log(f"nothing to train: step {self.state.step} already reached "
                 f"{'train.exit_at_step' if t.exit_at_step else 'train.steps'}={last}")
             return "done"
+        self.hooks.on_train_start(self)
         while self.state.step < last:
             started = time.perf_counter()
             out = self.train_step()
@@ -108,23 +188,24 @@ class Trainer:
             self.state.tokens += tokens_per_step
             record = {"step": self.state.step, "loss": out["loss"], "lr": out["lr"],
                       "grad_norm": out["grad_norm"], "tokens": self.state.tokens,
-                      "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed}
-            evaluating = self.valid_loader is not None and (
+                      "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed,
+                      "data_wait_s": out["data_wait_s"],
+                      **self.throughput.metrics(tokens_per_step, elapsed)}
+            evaluating = bool(self.valid_sets) and (
                 self.state.step % t.eval_interval == 0 or self.state.step == last)
             if evaluating:
-                record["val_loss"] = self.evaluate()
+                validation = self.evaluate()
+                self.hooks.on_eval_end(self, validation)
+                record.update(validation)
             self.history.append(record)
             if self.state.step % t.log_interval == 0 or self.state.step == last or evaluating:
-                self.metrics.write(record)
-                val = f" | val_loss {record['val_loss']:.4f}" if evaluating else ""
-                log(f"step {self.state.step:>6}/{t.steps} | loss {out['loss']:.4f} | "
-                    f"lr {out['lr']:.3e} | grad_norm {out['grad_norm']:.3f} | "
-                    f"tokens/s {record['tokens_per_s']:,.0f}{val}")
+                self.hooks.on_step_end(self, record)
             if not math.isfinite(out["loss"]):
                 raise FloatingPointError(f"loss became {out['loss']} at step {self.state.step}")
             stopping = self.stops is not None and self.stops.agreed(self.device)
             if self._should_save(last, stopping):
                 self.checkpointer.save(self.state.step)
+                self.hooks.on_checkpoint_saved(self, self.state.step)
             elif self.checkpointer is not None:
                 self.checkpointer.poll()
             if stopping:
@@ -143,3 +224,9 @@ class Trainer:
         if c.interval and self.state.step % c.interval == 0:
             return True
         return c.save_on_stop and (stopping or self.state.step == last)
+
+    def close(self) -> None:
+        self.hooks.close()
+        self.loader.close()
+        for vs in self.valid_sets:
+            vs.loader.close()

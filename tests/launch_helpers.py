@@ -101,3 +101,40 @@ def wait_all(procs: list, timeout: int) -> list[int]:
 def read_metrics(run_dir: Path) -> list[dict]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def run_on_terminal(cmd: list[str], timeout: int = 120) -> tuple[int, str, str]:
+    """Run `cmd` with stderr on a pseudo-terminal (as a user at a shell sees it) and stdout on
+    a pipe: (exit status, stdout, what the terminal showed)."""
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    # 24 x 100 characters: a fresh pty has no size, and progress bars then draw nothing.
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=slave, start_new_session=True)
+    os.close(slave)
+    shown, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                chunk = b""
+            if not chunk and proc.poll() is not None:
+                break
+            shown += chunk
+        elif proc.poll() is not None:
+            break
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+    os.close(master)
+    stdout = proc.stdout.read().decode()
+    return proc.wait(), stdout, shown.decode(errors="replace")

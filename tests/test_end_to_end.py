@@ -40,6 +40,10 @@ def test_raw_corpus_to_shards_to_training(tmp_path):
     manifest = json.loads((data / "manifest.json").read_text())
     assert manifest["splits"]["train"]["samples"] > 100 and manifest["splits"]["val"]["samples"] > 0
     assert manifest["documents"]["kept"] == len(docs) + 5
+    # Every kept document's UTF-8 text is counted in exactly one split (for bits-per-byte).
+    text_bytes = {split: manifest["splits"][split]["text_bytes"] for split in ("train", "val")}
+    assert min(text_bytes.values()) > 0
+    assert sum(text_bytes.values()) == sum(len(d.encode()) for d in docs + [d[::-1] for d in docs[:5]])
     _run("data_tools/inspect_shards.py", str(data), "--samples", "1")
 
     run = tmp_path / "run"
@@ -50,5 +54,10 @@ def test_raw_corpus_to_shards_to_training(tmp_path):
     assert [m["step"] for m in metrics] == list(range(1, 7))
     assert all(math.isfinite(m["loss"]) for m in metrics)
     assert [m["step"] for m in metrics if "val_loss" in m] == [3, 6]
+    val = manifest["splits"]["val"]
+    bytes_per_token = val["text_bytes"] / (val["tokens"] + manifest["tokens_dropped_tail"]["val"])
+    for m in metrics[2::3]:
+        assert m["val_bpb"] == pytest.approx(m["val_loss"] / math.log(2) / bytes_per_token)
+        assert m["val_ppl"] == pytest.approx(math.exp(m["val_loss"]))
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert "---- sample ----\ndef " in proc.stdout

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from pretrain.config import validate
 from pretrain.estimate import rank_parameter_list, memory_per_rank, parameter_counts, rank_parameters
 from pretrain.model.gpt import count_parameters
 
@@ -147,3 +150,40 @@ def test_1b_gqa_parameter_count(smoke_config):
     per_layer = qkv + 2048 * 2048 + 3 * 2048 * 5632 + 2 * 2048
     assert counts["total"] == 24 * per_layer + 32000 * 2048 + 2048
     assert 1.1e9 < counts["total"] < 1.3e9
+
+
+def test_1b_flops_per_token_and_mfu_by_hand():
+    """configs/pretrain_1b.yaml's model at seq 2048: FLOPs per token counted by hand, and the
+    MFU it gives for the step time measured on an H200 (shared notes: 0.614 s per step of
+    16 x 2048 tokens on one GPU = 43.7% of 989 TFLOP/s)."""
+    import torch
+
+    from pretrain.config import load_config
+    from pretrain.estimate import flops_per_token, peak_tflops
+    from pretrain.trainer import Throughput
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "pretrain_1b.yaml",
+                      ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1",
+                       "parallel.sequence_parallel=false"])
+    # by hand, GQA with 4 groups (head_dim 128): QKV 2048 x (16 + 2*4) x 128, output
+    # projection 2048 x 2048, SwiGLU 3 x 2048 x 5632, two RMSNorm gains, per layer
+    per_layer = 2048 * 3072 + 2048 * 2048 + 3 * 2048 * 5632 + 2 * 2048
+    matmul_params = 24 * per_layer + 2048 + 32000 * 2048  # + final norm + logits (tied)
+    assert matmul_params == 1_147_766_784
+    expected = 6 * matmul_params + 12 * 24 * 2048 * 2048
+    assert flops_per_token(cfg, 32000) == expected == 8_094_560_256
+
+    assert peak_tflops("NVIDIA H200") == peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("Some Future Accelerator") is None
+
+    cfg.logging.peak_tflops = 989.0
+    layout = validate(cfg, world_size=1, vocab_size=32000)
+    metrics = Throughput(cfg, layout, torch.device("cpu")).metrics(16 * 2048, 0.614)
+    assert metrics["mfu"] == pytest.approx(0.437, abs=0.001)
+    assert metrics["tflops_per_gpu"] == pytest.approx(16 * 2048 * expected / 0.614 / 1e12)
+    # Eight GPUs doing the same tokens in the same time each do an eighth of the work.
+    layout8 = validate(cfg, world_size=8, vocab_size=32000)
+    eight = Throughput(cfg, layout8, torch.device("cpu")).metrics(16 * 2048, 0.614)
+    assert eight["mfu"] == pytest.approx(metrics["mfu"] / 8)

@@ -23,7 +23,7 @@ import numpy as np
 from data_tools.shard_lib.atomic import remove_stale_temps, temp_path
 from data_tools.shard_lib.errors import ShardError
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: pieces carry each entry's UTF-8 byte count (nbytes)
 _PIECE_RE = re.compile(r"^([0-9a-f]{32})-(\d{6})(-last)?\.npz$")
 
 
@@ -34,6 +34,7 @@ class TokenizedPiece:
     last: bool
     tokens: np.ndarray  # token_dtype, EOD after each document
     ntok: np.ndarray  # int64 tokens per entry, EOD included
+    nbytes: np.ndarray  # int64 UTF-8 bytes of text per entry (for bits-per-byte)
     digests: bytes  # 16 bytes per entry: its document's normalized-text blake2b
     repaired: np.ndarray  # uint8 per entry: 1 when its document's UTF-8 was repaired
     flags: np.ndarray  # uint8 per entry: inputs.FIRST / LAST (an entry may be part of a document)
@@ -51,6 +52,7 @@ class TokenizedPiece:
                    last=column["last"].as_py(),
                    tokens=np.frombuffer(column["tokens"].as_buffer(), dtype=dtype),
                    ntok=np.frombuffer(column["ntok"].as_py(), dtype=np.int64),
+                   nbytes=np.frombuffer(column["nbytes"].as_py(), dtype=np.int64),
                    digests=column["digests"].as_py(),
                    repaired=np.frombuffer(column["repaired"].as_py(), dtype=np.uint8),
                    flags=np.frombuffer(column["flags"].as_py(), dtype=np.uint8),
@@ -93,12 +95,12 @@ class WorkCache:
         try:
             with np.load(path) as npz:
                 meta = json.loads(npz["meta"].tobytes())
-                piece = TokenizedPiece(tokens=npz["tokens"], ntok=npz["ntok"],
+                piece = TokenizedPiece(tokens=npz["tokens"], ntok=npz["ntok"], nbytes=npz["nbytes"],
                                        digests=npz["digests"].tobytes(), repaired=npz["repaired"],
                                        flags=npz["flags"], fatal="", **meta)
             if (piece.tokens.dtype != dtype or piece.ntok.sum() != len(piece.tokens)
                     or len(piece.digests) != 16 * len(piece.ntok)
-                    or not len(piece.ntok) == len(piece.flags) == len(piece.repaired)):
+                    or not len(piece.ntok) == len(piece.nbytes) == len(piece.flags) == len(piece.repaired)):
                 raise ValueError("inconsistent arrays")
         except (OSError, ValueError, KeyError) as err:
             for name in list(self._listing):
@@ -112,7 +114,7 @@ class WorkCache:
         # No fsync: a cache entry lost to a crash is recomputed, and load() rejects torn ones.
         final = self.root / self._name(key, piece.piece, piece.last)
         buffer = io.BytesIO()
-        np.savez(buffer, tokens=piece.tokens, ntok=piece.ntok,
+        np.savez(buffer, tokens=piece.tokens, ntok=piece.ntok, nbytes=piece.nbytes,
                  digests=np.frombuffer(piece.digests, np.uint8), repaired=piece.repaired,
                  flags=piece.flags,
                  meta=np.frombuffer(json.dumps(piece.meta()).encode(), np.uint8))

@@ -369,7 +369,8 @@ def build(opts: Options) -> dict:
             rejected = ", ".join(f"{n} {r}" for r, n in stats.rejected.items() if n) or "none"
             raise ShardError(f"no documents left after cleaning ({stats.read} read; rejected: "
                              f"{rejected}); check --input, --text-key and --txt-mode")
-        splits = {split: writer.summary() for split, writer in writers.items()}
+        splits = {split: dict(writer.summary(), text_bytes=router.text_bytes[split])
+                  for split, writer in writers.items()}
         if splits["train"]["samples"] == 0:
             raise ShardError(f"the train split has {tails['train']} tokens, less than one sample "
                              f"of seq_len+1 = {opts.seq_len + 1}; lower --seq-len or add input")
@@ -422,6 +423,7 @@ class _Router:
         self.threshold = math.ceil(val_fraction * 2.0 ** 64)
         self.seen: set[bytes] = set()
         self.open: int | None = None  # destination of a document whose last part is to come
+        self.text_bytes = {"train": 0, "val": 0}  # UTF-8 text routed to each split (for bpb)
 
     def route(self, piece: TokenizedPiece, stats: _Stats, writers: dict[str, SplitWriter]) -> None:
         stats.read += piece.read
@@ -451,6 +453,7 @@ class _Router:
             dest[i] = choice
         for value, split in ((0, "train"), (1, "val")):
             mask = dest == value
+            self.text_bytes[split] += int(piece.nbytes[mask].sum())
             if mask.all():
                 writers[split].add(piece.tokens)
             elif mask.any():

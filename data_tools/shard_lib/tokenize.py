@@ -97,6 +97,7 @@ class TokenizeWorker:
         for i in range(batch.num_rows):
             row = {name: batch.column(name)[i] for name in batch.column_names}
             tokens, ntok, digests, fatal = np.empty(0, self.dtype), np.empty(0, np.int64), b"", row["fatal"].as_py()
+            lens = np.empty(0, np.int64)
             if not fatal:
                 lens = np.frombuffer(row["lens"].as_py(), dtype=np.int64)
                 flags = np.frombuffer(row["flags"].as_py(), dtype=np.uint8)
@@ -113,6 +114,8 @@ class TokenizeWorker:
                     pa.large_binary(), 1,
                     [None, pa.py_buffer(np.array([0, tokens.nbytes], np.int64)), pa.py_buffer(tokens)]),
                 "ntok": pa.array([ntok.tobytes()], pa.binary()),
+                "nbytes": pa.array([(lens if not fatal else np.empty(0, np.int64)).tobytes()],
+                                   pa.binary()),
                 "digests": pa.array([digests], pa.binary()),
                 "repaired": [row["repaired"].as_py()], "flags": [row["flags"].as_py()],
                 "read": [row["read"].as_py()],

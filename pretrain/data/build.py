@@ -8,6 +8,7 @@ with different tokenizers fails in one line at start-up.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 from pretrain.config import Config
@@ -71,13 +72,30 @@ def build_loaders(cfg: Config, data: OpenedData, micro_batch_size: int, dp_rank:
     train = BlendedLoader(data.train, data.train_weights, shuffle=True,
                           num_workers=cfg.data.num_workers,
                           repeat_first_batch=cfg.data.repeat_first_batch, **common)
-    valid = None
+    valid = []
     if data.valid and cfg.train.eval_interval > 0:
-        # Unshuffled; the trainer rewinds it before every evaluation, so each one scores the
-        # same samples and the curve is comparable across steps and runs.
-        valid = BlendedLoader(data.valid, data.valid_weights, shuffle=False, num_workers=0,
-                              **common)
+        from pretrain.trainer import ValidSet
+
+        # One unshuffled loader per source, so each is reported on its own; the trainer
+        # rewinds them before every evaluation, so each one scores the same samples and the
+        # curve is comparable across steps and runs.
+        for name, source, weight in zip(source_names(data.valid), data.valid,
+                                        data.valid_weights):
+            loader = BlendedLoader([source], [1.0], shuffle=False, num_workers=0, **common)
+            valid.append(ValidSet(name, loader, weight, source.bytes_per_token))
     return train, valid
+
+
+def source_names(sources) -> list[str]:
+    """Short metric names: each source's last path component (`web` for data/web), the full
+    path where two would share one."""
+    short = [re.sub(r"[^A-Za-z0-9_.-]+", "_",
+                    s.path.replace("{name}", "").rstrip("/").rsplit("/", 1)[-1] or s.path)
+             if hasattr(s, "path") else "embedded" for s in sources]
+    if len(set(short)) == len(short):
+        return short
+    return [re.sub(r"[^A-Za-z0-9_.-]+", "_", getattr(s, "path", "embedded")).strip("_")
+            for s in sources]
 
 
 class SentencePieceDecoder:

@@ -85,6 +85,14 @@ class ShardSource:
         self.tokenizer_path = manifest["tokenizer"].get("path")
         self.vocab_size = int(manifest["tokenizer"]["vocab_size"])
         self.shards = splits[split]["shards"]
+        # UTF-8 bytes per token of the split's stream, for bits-per-byte; None for manifests
+        # written before shard.py recorded `text_bytes` (docs/formats.md).
+        text_bytes = splits[split].get("text_bytes")
+        stream = int(splits[split].get("tokens", 0)) + int(
+            manifest.get("tokens_dropped_tail", {}).get(split, 0))
+        self.bytes_per_token = (float(text_bytes) / stream
+                                if isinstance(text_bytes, int) and text_bytes > 0 and stream > 0
+                                else None)
         self.shard_samples = np.array([int(s["samples"]) for s in self.shards], dtype=np.int64)
         self.num_samples = int(self.shard_samples.sum())
         # Content-defined identity: the order of a dataset survives moving or renaming it.
@@ -163,6 +171,8 @@ class EmbeddedSource:
         self.eod_id = EOD_ID
         self.vocab_size = BYTE_VOCAB_SIZE
         self.tokenizer_sha256 = "byte-level"
+        # One token per byte, plus one EOD per document that stands for no text.
+        self.bytes_per_token = float(np.count_nonzero(tokens != EOD_ID)) / len(tokens)
         self.tokenizer_path = None
         n_shards = -(-count // self.SHARD_SAMPLES)
         self.shard_samples = np.array(

@@ -19,7 +19,9 @@ def sample_tokens(key: int, seq_len: int, salt: int = 0) -> np.ndarray:
 
 def write_dataset(root: Path, seq_len: int, shard_sizes: list[int], split: str = "train",
                   tokenizer_sha: str = "tok-a", salt: int = 0, doc_starts=None,
-                  extra_splits: dict | None = None) -> Path:
+                  extra_splits: dict | None = None, text_bytes: dict | None = None) -> Path:
+    """`text_bytes`: {split: bytes} to record per split (bits-per-byte); None: the field is
+    absent, as in manifests written before shard.py recorded it."""
     root.mkdir(parents=True, exist_ok=True)
     splits = {}
     for name, sizes in {split: shard_sizes, **(extra_splits or {})}.items():
@@ -44,6 +46,8 @@ def write_dataset(root: Path, seq_len: int, shard_sizes: list[int], split: str =
                            "sha256": hashlib.sha256(data).hexdigest()})
             key += count
         splits[name] = {"samples": key, "tokens": key * (seq_len + 1), "shards": shards}
+        if text_bytes is not None:
+            splits[name]["text_bytes"] = text_bytes[name]
     manifest = {"format": "pretrain-shards", "format_version": 1, "seq_len": seq_len,
                 "token_dtype": "uint16", "eod_id": 3,
                 "tokenizer": {"sha256": tokenizer_sha, "vocab_size": 60000, "path": None},

@@ -40,7 +40,8 @@ def test_validation_defaults_to_the_val_split_of_the_training_sources(tmp_path):
     data = open_data(_cfg(f"data.train=[{with_val}, {without_val}]"))
     assert [s.name for s in data.valid] == [f"{with_val}[val]"]
     train, valid = build_loaders(_cfg("train.eval_interval=5"), data, 2, 0, 1)
-    assert valid is not None and not valid.orders[0].shuffle
+    assert [v.name for v in valid] == [with_val.name] and not valid[0].loader.orders[0].shuffle
+    assert valid[0].bytes_per_token is None  # this manifest predates text_bytes
 
 
 def test_missing_dataset_stops_the_cli_before_any_process_group(tmp_path):
@@ -60,3 +61,19 @@ def test_missing_tokenizer_stops_the_dry_run(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert f"data error: data.tokenizer={tmp_path}/tok.model: no such file" in proc.stderr
+
+
+def test_validation_sources_have_bytes_per_token_and_distinct_names(tmp_path):
+    from pretrain.data.build import source_names
+
+    a = write_dataset(tmp_path / "x" / "web", 32, [12], extra_splits={"val": [4]},
+                      text_bytes={"train": 12 * 33 * 4, "val": 4 * 33 * 2})
+    b = write_dataset(tmp_path / "y" / "web", 32, [12], extra_splits={"val": [4]},
+                      text_bytes={"train": 1, "val": 0})
+    c = write_dataset(tmp_path / "code", 32, [12], extra_splits={"val": [4]})
+    data = open_data(_cfg(f"data.train=[{a}, {b}, {c}]"))
+    # UTF-8 bytes over the split's token stream; 0 bytes or no field: no bits-per-byte
+    assert [s.bytes_per_token for s in data.valid] == [2.0, None, None]
+    names = source_names(data.valid)
+    assert len(set(names)) == 3 and names[0].endswith("x_web") and names[1].endswith("y_web")
+    assert source_names(data.valid[1:]) == ["web", "code"]

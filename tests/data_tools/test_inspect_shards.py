@@ -63,6 +63,18 @@ def test_good_dataset_verifies_and_decodes_real_cli(dataset):
     assert proc.stdout.count("--- train sample ") == 3
     assert any(word in proc.stdout for word in ("alpha", "gamma", "return"))
     assert proc.stdout.rstrip().endswith(f"OK: {len(train['shards']) + len(manifest['splits']['val']['shards'])} shards verified")
+    stream = train["tokens"] + manifest["tokens_dropped_tail"]["train"]
+    assert f"{train['text_bytes'] / stream:.2f} bytes per token" in proc.stdout
+    assert proc.stderr == ""  # no progress bar when stderr is not a terminal
+
+
+def test_progress_bar_on_a_terminal_only(dataset):
+    from tests.launch_helpers import run_on_terminal
+
+    code, stdout, terminal = run_on_terminal([sys.executable, str(INSPECT), str(dataset)])
+    assert code == 0 and "shards verified" in stdout
+    shards = sum(len(s["shards"]) for s in json.loads((dataset / "manifest.json").read_text())["splits"].values())
+    assert f"verify: 100%" in terminal and f"{shards}/{shards}" in terminal
 
 
 def test_flipped_byte_is_named(copy, capsys):

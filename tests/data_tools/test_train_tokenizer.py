@@ -85,6 +85,19 @@ def test_same_inputs_give_a_byte_identical_model(corpus, tmp_path):
     assert card_a["sha256"] == card_b["sha256"] == file_sha256(tmp_path / "one" / "tok.model")
 
 
+def test_progress_on_a_terminal_only_and_the_same_model(corpus, tmp_path):
+    from tests.launch_helpers import run_on_terminal
+
+    piped = run_cli("--input", corpus, "--vocab-size", VOCAB, "--output", tmp_path / "piped")
+    assert piped.stderr == ""  # logs and pipes get no bar
+    code, stdout, terminal = run_on_terminal(
+        [sys.executable, SCRIPT, "--input", str(corpus), "--vocab-size", str(VOCAB),
+         "--output", str(tmp_path / "tty")])
+    assert code == 0 and "tty.model" in stdout
+    assert "read: 100%" in terminal and "training a bpe tokenizer on" in terminal
+    assert (tmp_path / "tty.model").read_bytes() == (tmp_path / "piped.model").read_bytes()
+
+
 def test_input_order_and_spelling_do_not_matter(corpus, tmp_path):
     run_cli("--input", corpus, "--vocab-size", VOCAB, "--output", tmp_path / "dir")
     run_cli("--input", corpus / "b.txt", corpus / "a.txt", "--vocab-size", VOCAB,

@@ -207,12 +207,12 @@ def main(argv=None) -> int:
     layout = validate(cfg, world_size=env.world_size, vocab_size=data.vocab_size, cuda=has_cuda)
     bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and has_cuda)
 
-    # Exactly what the training CLI builds; the checkpointer is left unattached (no saves).
+    # Exactly what the training CLI builds, without saves: only training is measured.
+    cfg.checkpoint.interval, cfg.checkpoint.save_on_stop = 0, False
     built = build(cfg, layout, data, env, bf16)
     from megatron.core import parallel_state
 
     p, zero, trainer = cfg.parallel, built.zero, built.trainer
-    metrics, loader = built.metrics, built.loader
     model_params = [t for chunk in built.chunks for t in chunk.parameters()]
     # ZeRO-3 has emptied param.data by now; its ds_numel/ds_shape keep the real sizes.
     param_count = sum(getattr(t, "ds_numel", t.numel()) for t in model_params)
@@ -239,8 +239,7 @@ def main(argv=None) -> int:
     try:
         trainer.fit()
     finally:
-        metrics.close()
-        loader.close()
+        trainer.close()
 
     owned, gathered, held_numel = param_storages(model_params, stage)
     record = {
