@@ -71,6 +71,7 @@ class ParallelConfig:
     zero_stage: int = 1
     recompute: Literal["none", "full"] = "none"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    timeout_minutes: int = 30  # a collective waiting longer than this fails the run
 
 
 @dataclass
@@ -85,6 +86,15 @@ class TrainConfig:
     sample_tokens: int = 0  # >0: print a sampled continuation of this many tokens at the end
     eval_interval: int = 0  # >0: validation loss every this many steps (and at the end)
     eval_batches: int = 4  # global batches per validation (the same ones every time)
+    # A step whose loss or gradient norm is not finite is skipped (no update); this many in
+    # a row stop the run with exit 2, which the SLURM script does not requeue.
+    max_bad_steps: int = 3
+    loss_spike_zscore: float = 0.0  # >0: flag a loss this many std devs above the recent mean
+    loss_spike_window: int = 100  # steps the spike detector averages over
+    # Hang watchdog: a step longer than max(watchdog_min_s, watchdog_factor x the median
+    # step) dumps every rank's Python stacks and exits 76 (requeued). 0 turns it off.
+    watchdog_factor: float = 10.0
+    watchdog_min_s: float = 600.0
 
 
 @dataclass
@@ -499,6 +509,15 @@ def validate(cfg: Config, world_size: int | None = None, vocab_size: int | None 
                           "or 'embedded'")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must not be negative")
+    if t.max_bad_steps < 1 or t.loss_spike_window < 2 or p.timeout_minutes < 1:
+        raise ConfigError(f"train.max_bad_steps={t.max_bad_steps} and parallel.timeout_minutes="
+                          f"{p.timeout_minutes} must be >= 1, train.loss_spike_window="
+                          f"{t.loss_spike_window} >= 2")
+    for name, value in {"train.loss_spike_zscore": t.loss_spike_zscore,
+                        "train.watchdog_factor": t.watchdog_factor,
+                        "train.watchdog_min_s": t.watchdog_min_s}.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{name}={value} must be a finite number >= 0 (0 turns it off)")
     if t.eval_interval < 0 or t.eval_batches < 1:
         raise ConfigError(f"train.eval_interval={t.eval_interval} must be >= 0 and "
                           f"train.eval_batches={t.eval_batches} >= 1")

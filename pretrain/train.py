@@ -5,8 +5,9 @@ data -> checkpoint (resume) -> trainer.fit() -> sample. `build()` returns everyt
 for tests and tools that need a live model without training.
 
 Exit status: 0 done; 2 a configuration, data or checkpoint problem (one line, before any
-training); 75 (EXIT_REQUEUE) stopped by SIGTERM/SIGUSR1 after saving a checkpoint, to be
-requeued; anything else is a crash.
+training) or too many non-finite steps in a row (guards.py); 75 (EXIT_REQUEUE) stopped by
+SIGTERM/SIGUSR1 after saving a checkpoint, to be requeued; 76 (guards.EXIT_HUNG) a step hung
+past the watchdog's budget; anything else is a crash.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pretrain.config import (Config, ConfigError, Layout, check_run_dir, load_co
 from pretrain.data.build import build_loaders, build_tokenizer, open_data
 from pretrain.data.sources import DataError
 from pretrain.estimate import describe
+from pretrain.guards import TrainingHalted
 from pretrain.model.spec import choose_backend
 from pretrain.parallel import cpu, dist as pdist
 from pretrain.trackers import check_wandb
@@ -68,7 +70,7 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
     """Process groups, model chunks, optimizer, ZeRO engine, loaders, checkpointer, hooks and
     the trainer over them. `stops`: the stop-signal recorder the trainer polls (None: none)."""
     cpu.enable()
-    pdist.init_process_group(env)
+    pdist.init_process_group(env, cfg.parallel.timeout_minutes)
     p = cfg.parallel
     pdist.init_model_parallel(p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline_chunks,
                               cfg.train.seed)
@@ -174,6 +176,10 @@ def main(argv=None) -> int:
     except CheckpointError as err:
         if env.rank == 0:
             print(f"checkpoint error: {err}", file=sys.stderr)
+        return 2
+    except TrainingHalted as err:
+        if env.rank == 0:
+            print(f"training error: {err}", file=sys.stderr)
         return 2
     finally:
         stops.restore()

@@ -5,33 +5,40 @@ rank, and a record per step handed to the hooks (hooks.py) that watch."""
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 from pretrain.config import Config, Layout
 from pretrain.estimate import flops_per_token, peak_tflops
+from pretrain.guards import LossSpikes, NonFiniteGuard, Watchdog
 from pretrain.hooks import Hooks, perplexity
-from pretrain.log import log
+from pretrain.log import log, warn
 from pretrain.parallel.schedule import (
     allreduce_tied_embedding_grads,
     forward_backward,
     global_mean_loss,
 )
 
+POISON_ENV = "PRETRAIN_TEST_POISON"  # test hook: steps whose batch yields a NaN loss
+HANG_ENV = "PRETRAIN_TEST_HANG"  # test hook: "STEP:RANK" hangs that rank at that step
+
 
 @dataclass
 class TrainState:
     """Counters that survive a restart."""
 
-    step: int = 0  # optimizer steps completed
+    step: int = 0  # steps completed (their batches consumed)
     tokens: int = 0  # training tokens consumed (global)
+    skipped: int = 0  # steps whose update was skipped (non-finite loss or gradients)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens}
+        return {"step": self.step, "tokens": self.tokens, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.skipped = int(state.get("skipped", 0))  # absent in older checkpoints
 
 
 @dataclass
@@ -89,20 +96,37 @@ class Trainer:
     history: list = field(default_factory=list)
 
     def __post_init__(self):
+        t = self.cfg.train
         self.throughput = Throughput(self.cfg, self.layout, self.device)
+        self.guard = NonFiniteGuard(t.max_bad_steps)
+        self.spikes = LossSpikes(t.loss_spike_zscore, t.loss_spike_window)
+        # Test hooks (docs/failures.md): "3,4" poisons the batches of steps 3 and 4 (a NaN
+        # in the loss mask: a NaN loss and NaN gradients); "5:1" makes rank 1 hang at step 5.
+        self._poison = {int(s) for s in os.environ.get(POISON_ENV, "").split(",") if s}
+        hang = os.environ.get(HANG_ENV, "")
+        self._hang = tuple(int(x) for x in hang.split(":")) if hang else None
 
     def train_step(self) -> dict:
         waited = time.perf_counter()
         micro_batches = [self._to_device(mb) for mb in self.loader.next_step()]
         waited = time.perf_counter() - waited
+        self._test_faults(micro_batches)
         lr = self.zero.engine.get_lr()[0]
         loss_sum, num_tokens = forward_backward(
             self.model_proxies, micro_batches, self.cfg.train.seq_length,
             self.layout.micro_batch_size)
         allreduce_tied_embedding_grads(self.chunks)
-        self.zero.engine.step()
+        applied = self.zero.step()
         loss = global_mean_loss(loss_sum, num_tokens, self.device)
-        return {"loss": loss, "lr": lr, "grad_norm": self.zero.grad_norm(), "data_wait_s": waited}
+        return {"loss": loss, "lr": lr, "grad_norm": self.zero.grad_norm(), "data_wait_s": waited,
+                "applied": applied}
+
+    def _test_faults(self, micro_batches) -> None:
+        step = self.state.step + 1
+        if step in self._poison:
+            micro_batches[0].loss_mask[0, 0] = float("nan")
+        if self._hang and self._hang[0] == step and self._hang[1] == torch.distributed.get_rank():
+            time.sleep(1e6)
 
     def _to_device(self, micro):
         if self.device.type == "cpu":
@@ -178,12 +202,21 @@ class Trainer:
                 f"{'train.exit_at_step' if t.exit_at_step else 'train.steps'}={last}")
             return "done"
         self.hooks.on_train_start(self)
+        watchdog = Watchdog(t.watchdog_factor, t.watchdog_min_s, torch.distributed.get_rank())
+        try:
+            return self._steps(last, tokens_per_step, watchdog)
+        finally:
+            watchdog.close()
+
+    def _steps(self, last: int, tokens_per_step: int, watchdog: Watchdog) -> str:
+        t = self.cfg.train
         while self.state.step < last:
             started = time.perf_counter()
             out = self.train_step()
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - started
+            watchdog.beat(self.state.step + 1, elapsed)
             self.state.step += 1
             self.state.tokens += tokens_per_step
             record = {"step": self.state.step, "loss": out["loss"], "lr": out["lr"],
@@ -191,30 +224,47 @@ class Trainer:
                       "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed,
                       "data_wait_s": out["data_wait_s"],
                       **self.throughput.metrics(tokens_per_step, elapsed)}
+            bad = self.guard.observe(out["loss"], out["grad_norm"], out["applied"])
+            if bad:
+                self.state.skipped += 1
+                warn(f"step {self.state.step}: loss {out['loss']}, grad_norm {out['grad_norm']}: "
+                     f"update skipped ({self.guard.in_a_row} in a row, the run stops at "
+                     f"{t.max_bad_steps})")
+            record["skipped_updates"] = self.state.skipped
+            spike = self.spikes.score(out["loss"])
+            if spike is not None:
+                record["loss_spike_z"] = spike
+                warn(f"step {self.state.step}: loss spike, {out['loss']:.4f} is {spike:.1f} "
+                     f"standard deviations above the last {len(self.spikes.losses) - 1} steps")
             evaluating = bool(self.valid_sets) and (
                 self.state.step % t.eval_interval == 0 or self.state.step == last)
             if evaluating:
-                validation = self.evaluate()
+                with watchdog.paused():
+                    validation = self.evaluate()
                 self.hooks.on_eval_end(self, validation)
                 record.update(validation)
             self.history.append(record)
-            if self.state.step % t.log_interval == 0 or self.state.step == last or evaluating:
+            if (self.state.step % t.log_interval == 0 or self.state.step == last or evaluating
+                    or bad or spike is not None):
                 self.hooks.on_step_end(self, record)
-            if not math.isfinite(out["loss"]):
-                raise FloatingPointError(f"loss became {out['loss']} at step {self.state.step}")
+            self.guard.check(self.state.step, out["loss"], out["grad_norm"])
             stopping = self.stops is not None and self.stops.agreed(self.device)
-            if self._should_save(last, stopping):
-                self.checkpointer.save(self.state.step)
-                self.hooks.on_checkpoint_saved(self, self.state.step)
-            elif self.checkpointer is not None:
-                self.checkpointer.poll()
+            with watchdog.paused():
+                if self._should_save(last, stopping):
+                    self.checkpointer.save(self.state.step)
+                    self.hooks.on_checkpoint_saved(self, self.state.step)
+                elif self.checkpointer is not None:
+                    self.checkpointer.poll()
             if stopping:
                 if self.checkpointer is not None:
-                    self.checkpointer.wait()
+                    with watchdog.paused():
+                        self.checkpointer.wait()
                 log(f"stopped by a signal after step {self.state.step}; requeue the job to resume")
                 return "signal"
+            watchdog.beat(self.state.step)
         if self.checkpointer is not None:
-            self.checkpointer.wait()
+            with watchdog.paused():
+                self.checkpointer.wait()
         return "done"
 
     def _should_save(self, last: int, stopping: bool) -> bool:

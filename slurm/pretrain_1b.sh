@@ -127,7 +127,7 @@ case "$RC" in
         scontrol requeue "$SLURM_JOB_ID"
         exit 0 ;;
     2)
-        say "configuration, data or checkpoint problem (see $LOG_PREFIX.rank0.log); not requeued"
+        say "configuration, data, checkpoint or non-finite-loss problem (see $LOG_PREFIX.rank0.log); not requeued"
         exit 2 ;;
     *)
         if [ "$RESTART" -lt "$MAX_RESTARTS" ]; then

@@ -106,6 +106,26 @@ class ZeroEngine:
         self.engine = engine
         self._stage0_norm = stage0_norm
 
+    def step(self) -> bool:
+        """The optimizer step, or none at all when a gradient is not finite; returns whether
+        the update was applied. ZeRO-1/2 skip such a step themselves (DeepSpeed's overflow
+        check on the global norm: gradients dropped, Adam state and LR schedule untouched);
+        stage 0 applies the client optimizer unconditionally, so it is checked here first,
+        with one flag all-reduced over every rank so that all skip together."""
+        if self._stage0_norm is not None:
+            params = [p for p in self.engine.module.parameters() if p.grad is not None]
+            bad = torch.zeros((), dtype=torch.float32,
+                              device=params[0].grad.device if params else None)
+            for param in params:
+                bad = torch.maximum(bad, (~torch.isfinite(param.grad)).any().float())
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+            if bad.item():
+                self.engine.zero_grad()
+                self._stage0_norm[0] = float("inf")
+                return False
+        self.engine.step()
+        return self.engine.was_step_applied()
+
     def grad_norm(self) -> float:
         if self._stage0_norm is not None:
             return self._stage0_norm[0]

@@ -1,0 +1,132 @@
+"""Guards of the training loop: non-finite steps skipped and counted (the run stops with
+exit 2 after too many in a row), loss spikes flagged, and a watchdog for hung steps.
+
+Every rank reaches the same decisions from the same global numbers (the all-reduced loss,
+DeepSpeed's global gradient norm), so the collectives that follow stay in step.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import math
+import os
+import statistics
+import sys
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+
+# A hung step ends the process with this status: a crash to slurm/pretrain_1b.sh, which
+# requeues it (up to MAX_RESTARTS) to resume from the newest checkpoint.
+EXIT_HUNG = 76
+
+
+class TrainingHalted(RuntimeError):
+    """Training cannot usefully continue; one line saying why and what to do (exit 2)."""
+
+
+class NonFiniteGuard:
+    """Counts steps whose update was skipped because the loss or the gradient norm was not
+    finite; after `limit` in a row the run stops instead of burning its allocation."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_a_row = 0
+
+    def observe(self, loss: float, grad_norm: float, applied: bool) -> bool:
+        """True when this step was bad (its update skipped, or a number not finite)."""
+        bad = not applied or not math.isfinite(loss) or not math.isfinite(grad_norm)
+        self.in_a_row = self.in_a_row + 1 if bad else 0
+        return bad
+
+    def check(self, step: int, loss: float, grad_norm: float) -> None:
+        """Raise TrainingHalted once `limit` bad steps came in a row."""
+        if self.in_a_row >= self.limit:
+            raise TrainingHalted(
+                f"{self.in_a_row} steps in a row (up to step {step}) had a non-finite loss or "
+                f"gradient norm (last: loss {loss}, grad_norm {grad_norm}); their updates were "
+                f"skipped. Stopping without requeue: resume from the last checkpoint with a "
+                f"lower optim.lr, or check the data of these steps (train.max_bad_steps="
+                f"{self.limit})")
+
+
+class LossSpikes:
+    """Flags a loss more than `zscore` standard deviations above the mean of the previous
+    `window` finite losses (0 turns it off). Watching only: the step is kept."""
+
+    def __init__(self, zscore: float, window: int):
+        self.zscore = zscore
+        self.losses: deque[float] = deque(maxlen=window)
+
+    def score(self, loss: float) -> float | None:
+        """The loss's z-score when it is a spike, else None."""
+        if not self.zscore or not math.isfinite(loss):
+            return None
+        spike = None
+        if len(self.losses) >= max(10, self.losses.maxlen // 4):
+            mean = statistics.fmean(self.losses)
+            spread = statistics.pstdev(self.losses, mean) or 1e-12
+            z = (loss - mean) / spread
+            spike = z if z > self.zscore else None
+        self.losses.append(loss)
+        return spike
+
+
+class Watchdog:
+    """A thread that expects `beat()` once per step. When a step takes longer than
+    max(min_seconds, factor x the median of recent steps), it writes every thread's Python
+    stack to stderr and ends the process with EXIT_HUNG. Every rank runs one: a rank stuck
+    in a collective waiting for a rank stuck elsewhere fires too, so each rank's log shows
+    where it was. `paused()` covers work that is not a step (evaluation, saves)."""
+
+    def __init__(self, factor: float, min_seconds: float, rank: int, window: int = 20):
+        self.factor, self.min_seconds, self.rank = factor, min_seconds, rank
+        self.step_times: deque[float] = deque(maxlen=window)
+        self._last = time.monotonic()
+        self._paused = False
+        self._step = 0
+        self._stop = threading.Event()
+        self._thread = None
+        if factor > 0:
+            self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+            self._thread.start()
+
+    def budget(self) -> float:
+        if not self.step_times:
+            return self.min_seconds
+        return max(self.min_seconds, self.factor * statistics.median(self.step_times))
+
+    def beat(self, step: int, step_seconds: float | None = None) -> None:
+        if step_seconds is not None:
+            self.step_times.append(step_seconds)
+        self._step = step
+        self._last = time.monotonic()
+        self._paused = False
+
+    @contextmanager
+    def paused(self):
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._last = time.monotonic()
+            self._paused = False
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.min_seconds / 4)):
+            waited = time.monotonic() - self._last
+            if self._paused or waited <= self.budget():
+                continue
+            message = (f"rank {self.rank}: watchdog: step {self._step + 1} has run {waited:.0f} s, "
+                       f"over its budget of {self.budget():.0f} s (train.watchdog_factor="
+                       f"{self.factor:g} x the median step, at least train.watchdog_min_s="
+                       f"{self.min_seconds:g}); Python stacks of every thread follow, then exit "
+                       f"{EXIT_HUNG}\n")
+            os.write(2, message.encode())
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            sys.stderr.flush()
+            os._exit(EXIT_HUNG)
+
+    def close(self) -> None:
+        self._stop.set()

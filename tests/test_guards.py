@@ -1,0 +1,103 @@
+"""The loop's guards with real faults: a poisoned batch (NaN loss and gradients) is skipped
+under DeepSpeed ZeRO-0 and ZeRO-1; too many in a row stop the run with exit 2 and one line;
+a rank that hangs makes every rank's watchdog dump its Python stacks and exit 76."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pretrain.config import ConfigError, load_config, validate
+from pretrain.guards import EXIT_HUNG, LossSpikes, NonFiniteGuard, Watchdog
+from tests.launch_helpers import REPO, read_metrics, run_training
+
+pytestmark = pytest.mark.multiprocess
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_a_poisoned_batch_is_skipped_and_training_continues(tmp_path, zero_stage):
+    run = tmp_path / "run"
+    proc = run_training(run, [f"parallel.zero_stage={zero_stage}", "train.steps=6"],
+                        env_extra={"PRETRAIN_TEST_POISON": "3"})
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert math.isnan(metrics[2]["loss"]) and not math.isfinite(metrics[2]["grad_norm"])
+    # Had the NaN gradients reached the weights, every later loss would be NaN too.
+    assert all(math.isfinite(m["loss"]) for i, m in enumerate(metrics) if i != 2)
+    assert [m["skipped_updates"] for m in metrics] == [0, 0, 1, 1, 1, 1]
+    assert metrics[3]["lr"] == metrics[2]["lr"]  # the LR schedule waits for the skipped update
+    assert "step 3: loss nan, grad_norm inf: update skipped (1 in a row" in proc.stderr
+
+
+def test_bad_steps_in_a_row_stop_the_run_with_exit_2(tmp_path):
+    run = tmp_path / "run"
+    proc = run_training(run, ["train.steps=8", "checkpoint.interval=2", "train.max_bad_steps=3"],
+                        env_extra={"PRETRAIN_TEST_POISON": "3,4,5"}, expect_rc=2)
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("warning:")
+              and "OVERFLOW" not in line]
+    assert errors == [
+        "training error: 3 steps in a row (up to step 5) had a non-finite loss or gradient norm "
+        "(last: loss nan, grad_norm inf); their updates were skipped. Stopping without requeue: "
+        "resume from the last checkpoint with a lower optim.lr, or check the data of these steps "
+        "(train.max_bad_steps=3)"]
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4, 5]
+    assert (run / "checkpoints" / "step_00000002").is_dir()
+
+
+def test_a_hung_rank_is_found_by_every_rank_watchdog(tmp_path):
+    proc = run_training(tmp_path / "run", ["train.steps=6", "train.watchdog_min_s=3",
+                                           "train.watchdog_factor=5"], nproc=2,
+                        env_extra={"PRETRAIN_TEST_HANG": "3:1"}, expect_rc=None, timeout=120)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    for rank in (0, 1):
+        assert f"rank {rank}: watchdog: step 3 has run" in out
+    assert "in _test_faults" in out  # rank 1's stack: where it hangs
+    assert "in all_reduce" in out  # rank 0's stack: the collective waiting for rank 1
+    assert f"exitcode: {EXIT_HUNG}" in out
+
+
+# ---------------------------------------------------------------- units
+
+def test_non_finite_guard_counts_bad_steps_in_a_row():
+    guard = NonFiniteGuard(limit=2)
+    assert guard.observe(float("nan"), 1.0, applied=False)
+    guard.check(1, float("nan"), 1.0)
+    assert not guard.observe(2.0, 1.0, applied=True)  # a good step resets the count
+    assert guard.observe(2.0, float("inf"), applied=False)
+    assert guard.observe(float("inf"), float("nan"), applied=True)
+    with pytest.raises(Exception, match=r"2 steps in a row \(up to step 4\)"):
+        guard.check(4, float("inf"), float("nan"))
+
+
+def test_loss_spikes_by_zscore():
+    spikes = LossSpikes(zscore=4.0, window=40)
+    scores = [spikes.score(3.0 + 0.01 * (i % 5)) for i in range(40)]
+    assert scores == [None] * 40
+    assert spikes.score(3.5) > 4.0  # far above a quiet window
+    assert spikes.score(3.02) is None
+    assert LossSpikes(zscore=0.0, window=40).score(100.0) is None  # off
+
+
+def test_watchdog_budget_follows_the_median_step():
+    dog = Watchdog(factor=0, min_seconds=5.0, rank=0)  # factor 0: no thread, budget only
+    assert dog.budget() == 5.0
+    for seconds in (30.0, 1.0, 1.0, 1.2):
+        dog.beat(1, seconds)
+    assert dog.budget() == 5.0
+    dog.factor = 10
+    assert dog.budget() == pytest.approx(11.0)  # 10 x median(30, 1, 1, 1.2)
+
+
+def test_guard_settings_are_checked():
+    def error(*overrides):
+        with pytest.raises(ConfigError) as info:
+            validate(load_config(REPO / "configs" / "smoke.yaml", list(overrides)))
+        return str(info.value)
+
+    assert "train.max_bad_steps=0" in error("train.max_bad_steps=0")
+    assert "train.watchdog_factor=-1.0 must be a finite number >= 0" in error(
+        "train.watchdog_factor=-1")
+    assert "train.loss_spike_zscore=inf" in error("train.loss_spike_zscore=.inf")
+    assert "parallel.timeout_minutes=0" in error("parallel.timeout_minutes=0")
