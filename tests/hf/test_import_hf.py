@@ -24,6 +24,7 @@ def make_llama(path, tie: bool, seed: int):
     config = LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=tie,
+                         initializer_range=0.1,  # larger than usual: layer mistakes move the loss
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # norms away from 1, so a missed or swapped norm shows in the loss
