@@ -59,6 +59,24 @@ def trained_run(spm_data, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def exported(trained_run, tmp_path_factory):
+    """Factory: the HF directory exported (by the CLI) from a layout's run, in several
+    safetensors files (--max-shard-size)."""
+    cache = {}
+
+    def get(layout: str):
+        if layout not in cache:
+            out = tmp_path_factory.mktemp("hf") / layout
+            result = launch(["-m", "pretrain.export_hf", str(trained_run(layout)), "--output",
+                             str(out), "--max-shard-size", "200000"], 1, 120, "export_hf")
+            assert "load it with:" in result.stdout and str(out) in result.stdout
+            cache[layout] = out
+        return cache[layout]
+
+    return get
+
+
 def our_model(weights):
     """Our GPTModel (one process, TP1 PP1, fp32) holding a checkpoint's weights; needs the
     single_rank_parallel fixture."""

@@ -21,23 +21,6 @@ TRICKY = ["", " ", "   leading spaces", "trailing   ", "tabs\t\tand\nnewlines\n\
           "\x00\x01 control bytes", "text with </s> and <s> typed in"]
 
 
-@pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory):
-    """Factory: the HF directory exported (by the CLI) from a layout's run."""
-    cache = {}
-
-    def get(layout: str):
-        if layout not in cache:
-            out = tmp_path_factory.mktemp("hf") / layout
-            result = launch(["-m", "pretrain.export_hf", str(trained_run(layout)), "--output",
-                             str(out), "--max-shard-size", "200000"], 1, 120, "export_hf")
-            assert f"load it with:" in result.stdout and str(out) in result.stdout
-            cache[layout] = out
-        return cache[layout]
-
-    return get
-
-
 @pytest.mark.parametrize("layout", ["one_process", "tp2_pp2", "dp2_zero2"])
 def test_logits_equal_ours(layout, trained_run, exported, single_rank_parallel):
     from transformers import AutoModelForCausalLM
