@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 DEMO := runs/demo
 PY := $(VENV)/bin/python
 
-# The whole pipeline on the embedded corpus: export -> tokenizer -> shards -> training.
+# The whole pipeline on the embedded corpus: export -> tokenizer -> shards -> training ->
+# validation loss -> a Hugging Face directory (the last line printed says how to load it).
 # shard.py reuses finished work; training resumes from runs/demo/run/checkpoints, so a
 # second `make demo` finds the run finished (delete runs/demo/run to train again).
 demo: $(STAMP)
@@ -29,6 +30,9 @@ demo: $(STAMP)
 	$(PY) data_tools/train_tokenizer.py --input $(DEMO)/corpus.jsonl --vocab-size 4096 --output $(DEMO)/tokenizer
 	$(PY) data_tools/shard.py --input $(DEMO)/corpus.jsonl --output $(DEMO)/data --tokenizer $(DEMO)/tokenizer.model --seq-len 256 --val-fraction 0.02 --num-workers $(NPROC)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m pretrain.train --config configs/demo.yaml
+	OMP_NUM_THREADS=1 $(PY) -m pretrain.evaluate $(DEMO)/run --data $(DEMO)/data --max-batches 8
+	rm -rf $(DEMO)/hf
+	$(PY) -m pretrain.export_hf $(DEMO)/run --output $(DEMO)/hf
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests
