@@ -15,6 +15,9 @@ from pathlib import Path
 from pretrain.checkpoint.store import CheckpointError
 
 SPACE = "\u2581"  # sentencepiece's visible space
+# Names the end-of-text token goes by in tokenizer.json files, when no tokenizer_config.json
+# beside the file says (shard.py appends it after every document).
+EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
@@ -85,6 +88,8 @@ def write_tokenizer(model_path: str | Path, out_dir: Path, max_length: int) -> d
     tokenizer.model into out_dir. Returns the special ids."""
     import shutil
 
+    if str(model_path).endswith(".json"):
+        return _copy_tokenizer_json(Path(model_path), out_dir, max_length)
     tokenizer, tokens, special_ids = build_tokenizer(model_path)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     shutil.copyfile(model_path, out_dir / "tokenizer.model")
@@ -102,4 +107,28 @@ def write_tokenizer(model_path: str | Path, out_dir: Path, max_length: int) -> d
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+    return special_ids
+
+
+def _copy_tokenizer_json(path: Path, out_dir: Path, max_length: int) -> dict:
+    """Data sharded with a Hugging Face tokenizer.json: that file as is, with the
+    tokenizer_config.json beside it (or a minimal one naming the end-of-text token)."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+    shutil.copyfile(path, out_dir / "tokenizer.json")
+    beside = path.with_name("tokenizer_config.json")
+    config = json.loads(beside.read_text()) if beside.is_file() else {
+        "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+        "eos_token": next((t for t in EOS_CANDIDATES if t in vocab), None)}
+    config.setdefault("model_max_length", max_length)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    special_ids = {}
+    for name in ("pad", "unk", "bos", "eos"):
+        token = config.get(f"{name}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        if token in vocab:
+            special_ids[name] = vocab[token]
     return special_ids
