@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from pretrain.log import is_rank0, log, quiet_library_warnings
 
@@ -65,8 +66,6 @@ def setup(args, world_size: int):
         if section not in ("parallel", "train") or not key or not raw:
             raise ConfigError(f"override {item!r}: evaluate takes parallel.* and train.* "
                               f"settings as section.key=value")
-        import yaml
-
         _apply(getattr(cfg, section), key, yaml.safe_load(raw), dotted)
     cfg.train.exit_at_step = 0
     source = open_source(args.data, args.split, cfg.train.seq_length)

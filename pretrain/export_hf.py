@@ -73,8 +73,10 @@ def find_tokenizer(weights: CheckpointWeights, given: str | None) -> Path | None
         candidates.append(cfg_data.get("tokenizer") or None)
         for item in cfg_data.get("train", []):
             manifest = Path(item["path"]) / "manifest.json"
-            if manifest.is_file():
+            try:
                 candidates.append(json.loads(manifest.read_text())["tokenizer"].get("path"))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue  # not a local, readable manifest: --tokenizer names the file then
     for candidate in filter(None, candidates):
         path = Path(candidate)
         if not path.is_file():

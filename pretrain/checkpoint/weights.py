@@ -54,7 +54,10 @@ class CheckpointWeights:
 def find_complete(path: str | Path, verify: bool = True) -> Path:
     """The checkpoint a path names (a step_N directory, a checkpoints directory or a run
     directory: its newest complete one), checked as the trainer checks it on load."""
-    where, exact = store.resolve_load_path(path)
+    try:
+        where, exact = store.resolve_load_path(path)
+    except CheckpointError as err:  # its messages name the training setting; here it is a path
+        raise CheckpointError(str(err).replace("checkpoint.load_from=", "", 1)) from None
     candidates = [exact] if exact is not None else [c.path for c in where.candidates()]
     problems = []
     for candidate in candidates:

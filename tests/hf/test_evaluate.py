@@ -1,5 +1,5 @@
-"""pretrain.evaluate: loss and perplexity of a checkpoint on a shard split, equal under one
-process, TP2 and DP2, and equal to a loss computed here from the shards and our model;
+"""pretrain.evaluate: loss and perplexity of a checkpoint on a shard split, under TP2 and
+DP2 equal to a loss computed here from the shards and our model on one process;
 data made with another tokenizer is refused in one line."""
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def reference(trained_run, spm_data, single_rank_parallel):
     return reference_loss(read_weights(trained_run("dp2_zero2")), spm_data["shards"])
 
 
-@pytest.mark.parametrize("nproc, layout", [(1, []), (2, ["parallel.tensor_parallel=2"]),
+# One process is the reference below; the layouts are what the command adds.
+@pytest.mark.parametrize("nproc, layout", [(2, ["parallel.tensor_parallel=2"]),
                                            (2, ["train.micro_batch_size=2"])])
 def test_loss_and_perplexity_under_a_layout(nproc, layout, trained_run, spm_data, reference,
                                             tmp_path):

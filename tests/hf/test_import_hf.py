@@ -70,19 +70,53 @@ def test_first_step_loss_equals_hf(layout, tie, tmp_path):
     assert ours["loss"] == pytest.approx(want, rel=1e-4)
 
 
-@pytest.mark.parametrize("edit, override, message", [
-    (None, "model.hidden_size=128", "config.json hidden_size=64 but model.hidden_size=128 here; "
-                                    "set model.hidden_size=64"),
-    (None, "model.rotary_base=500000", "config.json rope_theta=10000.0 but model.rotary_base"),
-    ({"model_type": "gpt2"}, None, "model_type='gpt2'; only Llama-architecture models"),
-])
-def test_model_that_does_not_fit_is_one_line(edit, override, message, tmp_path):
+def test_model_that_does_not_fit_is_one_line(tmp_path):
     make_llama(tmp_path / "hf", tie=True, seed=1)
-    if edit:
-        config = json.loads((tmp_path / "hf" / "config.json").read_text())
-        (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **edit}))
-    out = run_training(tmp_path / "run", BASE + ([override] if override else []) + [
-        f"checkpoint.load_from=hf:{tmp_path / 'hf'}"], expect_rc=2)
+    out = run_training(tmp_path / "run", BASE + [
+        "model.hidden_size=128", f"checkpoint.load_from=hf:{tmp_path / 'hf'}"], expect_rc=2)
     errors = [line for line in out.stderr.splitlines() if line.startswith("checkpoint error:")]
-    assert len(errors) == 1 and message in errors[0], out.stderr[-3000:]
+    assert len(errors) == 1 and "config.json hidden_size=64 but model.hidden_size=128 here; set " \
+        "model.hidden_size=64" in errors[0], out.stderr[-3000:]
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("override, edit, message", [
+    ("model.rotary_base=500000", {}, "config.json rope_theta=10000.0 but model.rotary_base=500000"),
+    ("model.num_query_groups=4", {}, "num_key_value_heads=2 but model.num_query_groups=4"),
+    ("model.tie_embeddings=false", {}, "tie_word_embeddings=True but model.tie_embeddings=False"),
+    ("model.vocab_size=0", {"vocab_size": 512}, "vocab_size=512 exceeds this run's 384 rows"),
+    ("model.vocab_size=0", {"hidden_act": "gelu"}, "hidden_act='gelu'; only 'silu' imports"),
+    ("model.vocab_size=0", {"model_type": "gpt2"}, "model_type='gpt2'; only Llama-architecture"),
+    ("model.activation=gelu", {}, "model.activation='gelu' has no faithful"),
+])
+def test_each_misfit_names_its_field(override, edit, message, tmp_path):
+    """The same checks in process, one per field (the CLI path is shown once above)."""
+    from pretrain.checkpoint.store import CheckpointError
+    from pretrain.config import load_config, validate
+    from pretrain.hf_import import load_state
+    from tests.conftest import SMOKE
+
+    make_llama(tmp_path / "hf", tie=True, seed=1)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **edit}))
+    cfg = load_config(SMOKE, ["model.num_query_groups=2", override])
+    layout = validate(cfg, world_size=1, vocab_size=257)
+    with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        load_state(f"hf:{tmp_path / 'hf'}", cfg, layout.padded_vocab_size, 257)
+
+
+def test_data_tokenizer_larger_than_the_model_vocabulary(tmp_path):
+    """Data sharded with a tokenizer (e.g. a tokenizer.json) of more ids than the model has
+    rows would index past its embedding: refused, naming both sizes."""
+    from pretrain.checkpoint.store import CheckpointError
+    from pretrain.config import load_config
+    from pretrain.hf_import import load_state
+    from tests.conftest import SMOKE
+
+    make_llama(tmp_path / "hf", tie=True, seed=1)
+    cfg = load_config(SMOKE, ["model.num_query_groups=2"])
+    with pytest.raises(CheckpointError, match=r"vocab_size=384 is smaller than the data's "
+                                              r"tokenizer \(400\)"):
+        load_state(f"hf:{tmp_path / 'hf'}", cfg, 512, 400)
+    assert load_state(f"hf:{tmp_path / 'hf'}", cfg, 512, 384)[
+        "embedding.word_embeddings.weight"].shape == (512, 64)

@@ -49,6 +49,7 @@ def test_shards_made_with_a_tokenizer_json(tmp_path):
     stream = tokenizer.encode(TEXT, add_special_tokens=False).ids + [eos]
     width = 33
     assert len(rows) == len(stream) // width
+    assert manifest["tokens_dropped_tail"]["train"] == len(stream) - len(rows) * width
     assert rows.reshape(-1).tolist() == stream[:len(rows) * width]
 
     # Training reads the shards, finds the tokenizer through the manifest, checks its hash
