@@ -22,7 +22,8 @@ DEMO := runs/demo
 PY := $(VENV)/bin/python
 
 # The whole pipeline on the embedded corpus: export -> tokenizer -> shards -> training ->
-# curves (PNG) and TensorBoard events.
+# curves (PNG), TensorBoard events -> validation loss -> a Hugging Face directory (the last
+# line printed says how to load it).
 # shard.py reuses finished work; training resumes from runs/demo/run/checkpoints, so a
 # second `make demo` finds the run finished (delete runs/demo/run to train again).
 demo: $(STAMP)
@@ -32,6 +33,9 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m pretrain.train --config configs/demo.yaml
 	$(PY) -m pretrain.plot $(DEMO)/run -o $(DEMO)/curves.png
 	@echo "demo: curves in $(DEMO)/curves.png; TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO)/run/tensorboard"
+	OMP_NUM_THREADS=1 $(PY) -m pretrain.evaluate $(DEMO)/run --data $(DEMO)/data --max-batches 8
+	rm -rf $(DEMO)/hf
+	$(PY) -m pretrain.export_hf $(DEMO)/run --output $(DEMO)/hf
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests

@@ -87,3 +87,66 @@ def load_tokenizer(model_path: str | Path):
             raise TokenizerError(f"{model_path}: {processor.GetPieceSize()} pieces but the card says "
                                  f"vocab_size={card.get('vocab_size')}; {RETRAIN}")
     return processor, card, sha256
+
+
+# ---------------------------------------------------------------- Hugging Face tokenizer.json
+
+from pretrain.hf_tokenizer import EOS_CANDIDATES  # noqa: E402  (one list for shard and export)
+
+
+def is_hf_tokenizer(path: str | Path) -> bool:
+    """A Hugging Face `tokenizer.json` (tokenizers library) rather than a sentencepiece model."""
+    return str(path).endswith(".json")
+
+
+class HFTokenizer:
+    """A tokenizer.json behind the part of sentencepiece's API that shard.py uses: batch
+    encode of UTF-8 chunks, vocabulary size, eos id. Encoding is single-threaded (like the
+    sentencepiece actors) and deterministic."""
+
+    def __init__(self, path: str | Path, data: bytes | None = None):
+        import os
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ.setdefault("RAYON_NUM_THREADS", "1")
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        data = path.read_bytes() if data is None else data
+        try:
+            self.tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as err:  # tokenizers raises a bare Exception on a bad file
+            raise TokenizerError(f"{path}: not a Hugging Face tokenizer.json ({err}); pass a "
+                                 f"tokenizer.json saved by transformers/tokenizers") from None
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values()) + 1
+        self.eos = self._eos_id(path, vocab)
+
+    @staticmethod
+    def _eos_id(path: Path, vocab: dict) -> int:
+        config = path.with_name("tokenizer_config.json")
+        names = list(EOS_CANDIDATES)
+        if config.is_file():
+            token = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            names = [token] if token else names
+        for name in names:
+            if name in vocab:
+                return vocab[name]
+        return -1
+
+    def get_piece_size(self) -> int:
+        return self.vocab_size
+
+    def eos_id(self) -> int:
+        return self.eos
+
+    def encode(self, texts, return_type=None, num_threads=None):
+        import numpy as np
+
+        texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [np.array(e.ids, dtype=np.int64) for e in encodings]
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)

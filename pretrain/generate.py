@@ -36,7 +36,8 @@ def _forward_logits(chunks, tokens_bs: torch.Tensor) -> torch.Tensor | None:
 @torch.no_grad()
 def sample(chunks, prompt: list[int], num_tokens: int, max_context: int, vocab_size: int,
            seed: int, device, temperature: float = 0.8, top_k: int = 40) -> list[int]:
-    """Top-k sampling; deterministic for a seed. Every rank returns the same tokens."""
+    """Top-k sampling (greedy when temperature is 0); deterministic for a seed. Every rank
+    returns the same tokens."""
     for chunk in chunks:
         chunk.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -47,10 +48,13 @@ def sample(chunks, prompt: list[int], num_tokens: int, max_context: int, vocab_s
         logits = _forward_logits(chunks, context)
         choice = torch.zeros(1, dtype=torch.long, device=device)
         if logits is not None:
-            scores = logits[0, :vocab_size].float().cpu() / temperature
-            values, indices = torch.topk(scores, min(top_k, vocab_size))
-            probs = torch.softmax(values, dim=-1)
-            choice[0] = indices[torch.multinomial(probs, 1, generator=generator)].item()
+            scores = logits[0, :vocab_size].float().cpu()
+            if temperature <= 0:
+                choice[0] = int(torch.argmax(scores))
+            else:
+                values, indices = torch.topk(scores / temperature, min(top_k, vocab_size))
+                probs = torch.softmax(values, dim=-1)
+                choice[0] = indices[torch.multinomial(probs, 1, generator=generator)].item()
         torch.distributed.broadcast(choice, src=last_rank,
                                     group=parallel_state.get_pipeline_model_parallel_group())
         tokens.append(int(choice.item()))

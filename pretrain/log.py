@@ -19,6 +19,8 @@ _IRRELEVANT_WARNINGS = (
     # .checkpoint entry points; the files it writes are the supported format.
     r".*`load_state_dict` is deprecated and will be removed.*",
     r".*Please use DTensor instead and we are deprecating ShardedTensor.*",
+    # checkpoint/weights.py reads a checkpoint on one process on purpose (no_dist=True).
+    r".*torch.distributed is disabled, unavailable or uninitialized.*",
 )
 
 

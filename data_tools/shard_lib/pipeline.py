@@ -32,6 +32,7 @@ from data_tools.shard_lib.inputs import (FIRST, LAST, REJECT_REASONS, plan_units
                                          resolve_inputs)
 from data_tools.shard_lib.pack import ShardCounter, SplitWriter, default_shard_samples
 from data_tools.shard_lib.tokenize import TokenizeWorker, token_dtype
+from data_tools.tokenizer_lib import EOS_CANDIDATES, HFTokenizer, TokenizerError, is_hf_tokenizer
 
 NORMALIZATION = "ascii-whitespace-collapsed, stripped; blake2b-128"
 TXT_MODES = ("file", "paragraph")
@@ -93,8 +94,19 @@ def load_tokenizer(path: str) -> Tokenizer:
 
     if not os.path.isfile(path):
         raise ShardError(f"--tokenizer {path}: no such file; pass the PREFIX.model written by "
-                         f"data_tools/train_tokenizer.py")
+                         f"data_tools/train_tokenizer.py (or a Hugging Face tokenizer.json)")
     proto = Path(path).read_bytes()
+    if is_hf_tokenizer(path):
+        try:
+            hf = HFTokenizer(path, proto)
+        except TokenizerError as err:
+            raise ShardError(f"--tokenizer {err}") from None
+        if hf.eos_id() < 0:
+            raise ShardError(f"--tokenizer {path}: no end-of-text token ({', '.join(EOS_CANDIDATES)}"
+                             f" or tokenizer_config.json's eos_token), which shard.py appends "
+                             f"after every document; put a tokenizer_config.json naming it beside")
+        return Tokenizer(os.path.abspath(path), hashlib.sha256(proto).hexdigest(),
+                         hf.get_piece_size(), hf.eos_id())
     processor = spm.SentencePieceProcessor()
     try:
         processor.LoadFromSerializedProto(proto)

@@ -77,6 +77,8 @@ class TokenizeWorker:
         os.environ["OMP_NUM_THREADS"] = "1"
         import sentencepiece as spm
 
+        from data_tools.tokenizer_lib import HFTokenizer, is_hf_tokenizer
+
         # The path, not the model bytes: constructor arguments that large go through the
         # object store, which Ray warns about for restartable actors. Inputs and output must be
         # on shared storage on a cluster anyway; the checksum catches a different file there.
@@ -85,7 +87,8 @@ class TokenizeWorker:
         if hashlib.sha256(proto).hexdigest() != model_sha256:
             raise RuntimeError(f"{model_path} on this Ray node is not the tokenizer the driver "
                                f"loaded (sha256 differs); put it on storage all nodes share")
-        self.processor = spm.SentencePieceProcessor(model_proto=proto, num_threads=1)
+        self.processor = HFTokenizer(model_path, proto) if is_hf_tokenizer(model_path) \
+            else spm.SentencePieceProcessor(model_proto=proto, num_threads=1)
         self.dtype = token_dtype(self.processor.get_piece_size())
         self.chunk_bytes = chunk_bytes
         self.eod_id = eod_id

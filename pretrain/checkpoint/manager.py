@@ -36,7 +36,8 @@ from megatron.core.dist_checkpointing.serialization import get_default_save_shar
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelSaveStrategyWrapper)
 
-from pretrain.checkpoint import store
+from pretrain import hf_import
+from pretrain.checkpoint import store, weights
 from pretrain.checkpoint.optimizer_state import OptimizerState
 from pretrain.checkpoint.store import CheckpointDir, CheckpointError
 from pretrain.log import log, warn
@@ -319,6 +320,8 @@ class Checkpointer:
         chosen = self._newest_complete(self.dir, None)
         if chosen is not None:
             return (*chosen, False)
+        if c.load_from and hf_import.is_hf(c.load_from):
+            return hf_import.hf_dir(c.load_from), None, True
         if c.load_from:
             source, exact = store.resolve_load_path(c.load_from)
             chosen = self._newest_complete(source, exact)
@@ -392,6 +395,8 @@ class Checkpointer:
         if found is None:
             return None
         path, state, weights_only = found
+        if state is None:
+            return self._load_hf()
         self.check_compatible(path, state)
 
         started = time.perf_counter()
@@ -436,6 +441,20 @@ class Checkpointer:
         log(f"checkpoint: resumed from {path} at step {state['step']} ({how}) in "
             f"{time.perf_counter() - started:.1f} s")
         return Loaded(path, state["step"], False, not same_layout)
+
+    def _load_hf(self) -> Loaded:
+        """checkpoint.load_from=hf:DIR: a Hugging Face Llama's weights, fresh optimizer, step 0."""
+        load_from = self.cfg.checkpoint.load_from
+        started = time.perf_counter()
+        state = hf_import.load_state(load_from, self.cfg, self.layout.padded_vocab_size,
+                                     self.data.vocab_size)
+        weights.install(self.chunks, state, ps.get_tensor_model_parallel_rank(),
+                        self.layout.tensor_parallel, self.cfg.model.activation == "swiglu",
+                        load_from)
+        self.opt.reset_master_from_weights()
+        log(f"checkpoint: loaded the weights of {load_from} (fresh optimizer, step 0) in "
+            f"{time.perf_counter() - started:.1f} s")
+        return Loaded(hf_import.hf_dir(load_from), 0, True, True)
 
     def _install_model(self, loaded: dict) -> None:
         with torch.no_grad():

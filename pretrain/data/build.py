@@ -112,6 +112,22 @@ class SentencePieceDecoder:
         return self.processor.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
 
+class TokenizerJSONDecoder:
+    """A Hugging Face tokenizer.json (data sharded with `--tokenizer tokenizer.json`)."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(path)
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+
 def build_tokenizer(cfg: Config, data: OpenedData):
     """The tokenizer that made the data (for sampling text), or None when it is unavailable."""
     from pathlib import Path
@@ -131,5 +147,5 @@ def build_tokenizer(cfg: Config, data: OpenedData):
     if digest != source.tokenizer_sha256:
         raise DataError(f"tokenizer {path} (sha256 {digest[:12]}) is not the one {source.name} "
                         f"was made with ({source.tokenizer_sha256[:12]}); point data.tokenizer "
-                        f"at the right .model")
-    return SentencePieceDecoder(path)
+                        f"at the right .model (or tokenizer.json)")
+    return TokenizerJSONDecoder(path) if str(path).endswith(".json") else SentencePieceDecoder(path)
