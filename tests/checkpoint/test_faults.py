@@ -17,6 +17,7 @@ import pytest
 from pretrain.checkpoint import store
 from pretrain.checkpoint.signals import EXIT_REQUEUE
 from pretrain.checkpoint.store import CheckpointDir
+from tests.checkpoint.crafted import RunsCode, plant_bytes_entry, rerecord
 from tests.launch_helpers import read_metrics, run_training, start_ranks, wait_all
 
 BASE = ["train.steps=6", "train.global_batch_size=8", "train.micro_batch_size=2",
@@ -91,16 +92,9 @@ def test_kill_one_rank_during_save(tmp_path, reference):
         assert got[step] == pytest.approx(want[step], rel=1e-5)
 
 
-class _RunsCode:
-    def __reduce__(self):
-        import os
-
-        return (os.system, ("echo pwned",))
-
-
-@pytest.mark.parametrize("damage", ["truncate", "flip", "crafted_index"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "crafted_index", "bytes_entry"])
 def test_corrupt_newest_falls_back(tmp_path, reference, damage):
-    run_dir = tmp_path / "run"
+    run_dir, marker = tmp_path / "run", tmp_path / "pwned"
     run_training(run_dir, BASE + ["train.exit_at_step=4"])
     newest = run_dir / "checkpoints" / "step_00000004"
     target = max((p for p in newest.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
@@ -110,18 +104,18 @@ def test_corrupt_newest_falls_back(tmp_path, reference, damage):
     elif damage == "flip":
         data[len(data) // 2] ^= 0xFF
         target.write_bytes(bytes(data))
-    else:  # a crafted checkpoint: code in the DCP index, and a record that matches it
+    elif damage == "crafted_index":  # code in the DCP index itself, with a matching record
         import pickle
 
-        (newest / ".metadata").write_bytes(pickle.dumps({"x": _RunsCode()}))
-        record = json.loads((newest / store.RECORD).read_text())
-        record["files"][".metadata"] = {"bytes": (newest / ".metadata").stat().st_size,
-                                        "sha256": store.sha256_file(newest / ".metadata")}
-        (newest / store.RECORD).write_text(json.dumps(record))
+        (newest / ".metadata").write_bytes(pickle.dumps({"x": RunsCode(f"touch {marker}")}))
+        rerecord(newest, [".metadata"])
+    else:  # a plain-looking index whose embedding entry makes DCP unpickle a payload
+        plant_bytes_entry(newest, f"touch {marker}")
     out = run_training(run_dir, BASE)
-    assert "pwned" not in out.stdout
+    assert not marker.exists(), "the crafted checkpoint ran code"
     reason = {"truncate": "truncated", "flip": "sha256 differs",
-              "crafted_index": "refusing to load it"}[damage]
+              "crafted_index": "refers to posix.system",
+              "bytes_entry": "BytesStorageMetadata"}[damage]
     assert f"skipping {newest}" in out.stderr and reason in out.stderr, out.stderr[-2000:]
     assert "at step 2 (same layout)" in out.stdout
     assert _losses(run_dir) == _losses(reference)
