@@ -139,6 +139,11 @@ class Checkpointer:
         self.dir = CheckpointDir(Path(cfg.run.dir) / "checkpoints")
         self.opt = OptimizerState(zero.engine)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        # Steps saved or loaded (so verified) by this process: retention counts them as intact
+        # without hashing them again (the one resumed from is deleted only once keep_last
+        # newer intact ones exist).
+        self.known_good: set[int] = set()
+        self.rejected: list[tuple[Path, str]] = []  # (checkpoint, why) skipped by find()
         _start_results_queue()
         mode = cfg.checkpoint.async_save
         self.async_queue = None
@@ -293,8 +298,10 @@ class Checkpointer:
                 _fault("record_written", step)
                 self.dir.publish(staging, step, after_rename=lambda: _fault("renamed", step))
                 _fault("latest_written", step)
-                deleted = self.dir.apply_retention(self.cfg.checkpoint.keep_last,
-                                                   self.cfg.checkpoint.keep_every)
+                self.known_good.add(step)
+                deleted = self.dir.apply_retention(
+                    self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every,
+                    protect={step}, verified=self._intact)
                 if deleted:
                     log(f"checkpoint: retention removed step(s) {', '.join(map(str, deleted))}")
             except Exception as err:  # noqa: BLE001 - re-raised on every rank below
@@ -319,6 +326,12 @@ class Checkpointer:
         chosen = self._newest_complete(self.dir, None)
         if chosen is not None:
             return (*chosen, False)
+        if self.dir.candidates():  # there are checkpoints, and not one is usable
+            raise CheckpointError(
+                f"every checkpoint in {self.dir.root} failed verification ("
+                f"{'; '.join(f'{p.name}: {why}' for p, why in self.rejected)}); starting "
+                f"over from step 0 would discard the run. Restore them, or move them away to "
+                f"start from scratch")
         if c.load_from:
             source, exact = store.resolve_load_path(c.load_from)
             chosen = self._newest_complete(source, exact)
@@ -338,8 +351,11 @@ class Checkpointer:
                     log(f"checkpoint: {where.root}/latest says {pointer}; using {path.name}, the "
                         f"newest complete checkpoint")
                 state = json.loads((path / store.TRAIN_STATE).read_text())
+                if where is self.dir:
+                    self.known_good.add(state["step"])
                 return path, state
             warn(f"checkpoint: skipping {path}: {problem}")
+            self.rejected.append((path, problem))
             if exact is not None:
                 raise CheckpointError(f"checkpoint.load_from={exact}: {problem}")
         return None
@@ -369,6 +385,22 @@ class Checkpointer:
         problems = [None] * self.world
         dist.all_gather_object(problems, problem)
         return next((p for p in problems if p), None)
+
+    def _intact(self, cand: store.Candidate) -> bool:
+        """Rank 0, for retention: a checkpoint not known good is checked now (record, sizes
+        and, with checkpoint.verify, sha256), so only intact ones count as kept."""
+        if cand.step in self.known_good:
+            return True
+        try:
+            record = store.read_record(cand.path)
+            store.check_sizes(cand.path, record)
+            if self.cfg.checkpoint.verify:
+                store.check_digests(cand.path, record, sorted(record["files"]))
+        except CheckpointError as err:
+            warn(f"checkpoint: retention keeps {cand.path} but does not count it: {err}")
+            return False
+        self.known_good.add(cand.step)
+        return True
 
     def check_compatible(self, path: Path, state: dict) -> None:
         want = model_signature(self.cfg, self.layout.padded_vocab_size)

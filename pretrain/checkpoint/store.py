@@ -259,12 +259,20 @@ class CheckpointDir:
         fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 
-    def apply_retention(self, keep_last: int, keep_every: int) -> list[int]:
-        """Delete published checkpoints beyond the newest keep_last, except multiples of
-        keep_every. Returns the steps deleted."""
-        deleted = []
-        for index, cand in enumerate(self.candidates()):
-            if index < keep_last or (keep_every and cand.step % keep_every == 0):
+    def apply_retention(self, keep_last: int, keep_every: int, protect: set[int] = frozenset(),
+                        verified=None) -> list[int]:
+        """Delete published checkpoints beyond the newest keep_last *verified* ones, except
+        multiples of keep_every and the steps in `protect` (the one just saved, the one
+        resumed from). `verified(candidate)` says whether a checkpoint is intact (default:
+        all are); one that is not is neither counted nor deleted here, so a corrupt newest
+        checkpoint can never push the good ones out. Returns the steps deleted."""
+        deleted, counted = [], 0
+        for cand in self.candidates():
+            if counted < keep_last:
+                if cand.step in protect or verified is None or verified(cand):
+                    counted += 1
+                continue
+            if cand.step in protect or (keep_every and cand.step % keep_every == 0):
                 continue
             self._trash(cand.path)
             deleted.append(cand.step)

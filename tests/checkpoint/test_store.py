@@ -158,3 +158,23 @@ def test_index_with_a_bytes_entry_or_another_dcp_class_is_refused(tmp_path):
     (tmp_path / ".metadata").write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(CheckpointError, match=r"not a torch\.distributed\.checkpoint index \(list\)"):
         store.check_index_pickle(tmp_path)
+
+
+def test_retention_counts_only_intact_checkpoints_and_protects(tmp_path):
+    """A corrupt newest checkpoint is neither counted nor deleted; the protected steps (just
+    saved, resumed from) stay whatever keep_last says."""
+    ckpt = CheckpointDir(tmp_path)
+    for step in range(1, 7):
+        _complete(ckpt, step, {"a": bytes([step])})
+    (tmp_path / "step_00000006" / "a").write_bytes(b"?")  # same size, other bytes
+
+    def intact(cand):
+        try:
+            _verify(cand.path)
+            return True
+        except CheckpointError:
+            return False
+
+    deleted = ckpt.apply_retention(1, 0, protect={2, 5}, verified=intact)
+    assert sorted(deleted) == [1, 3, 4]
+    assert [c.step for c in ckpt.candidates()] == [6, 5, 2]
