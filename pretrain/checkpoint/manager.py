@@ -40,6 +40,7 @@ from pretrain.checkpoint import store
 from pretrain.checkpoint.optimizer_state import OptimizerState
 from pretrain.checkpoint.store import CheckpointDir, CheckpointError
 from pretrain.log import log, warn
+from pretrain.reaper import start_reaper
 
 # Test hook (documented in docs/checkpoints.md): "ACTION:POINT:STEP[:RANK]" makes the given
 # rank (all ranks when omitted) SIGKILL itself ("kill") or send itself SIGTERM ("signal") at
@@ -153,6 +154,9 @@ class Checkpointer:
             # A forked writer per save: it sees the tensors as they were at the fork (copies
             # in host memory on GPU), so training may change them right away.
             self.async_queue = AsyncCallsQueue(persistent=False)
+            # The writer forks writers of its own; after a SIGKILL of this process they
+            # blocked forever on their results queue, holding memory and the job's stdout.
+            start_reaper()
 
     # ================================================================== state dicts
     def _model_sharded(self) -> dict:
