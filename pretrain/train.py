@@ -4,9 +4,9 @@ Reads as the list of builds it performs: config -> process groups -> model -> Ze
 data -> checkpoint (resume) -> trainer.fit() -> sample. `build()` returns everything built,
 for tests and tools that need a live model without training.
 
-Exit status: 0 done; 2 a configuration, data or checkpoint problem (one line, before any
-training); 75 (EXIT_REQUEUE) stopped by SIGTERM/SIGUSR1 after saving a checkpoint, to be
-requeued; anything else is a crash.
+Exit status: 0 done; 2 a configuration, data or checkpoint problem (one line; also a shard
+found corrupt during training, since a requeue would fail the same way); 75 (EXIT_REQUEUE)
+stopped by SIGTERM/SIGUSR1 after saving a checkpoint, to be requeued; anything else is a crash.
 """
 
 from __future__ import annotations
@@ -171,6 +171,10 @@ def main(argv=None) -> int:
     except CheckpointError as err:
         if env.rank == 0:
             print(f"checkpoint error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:  # a shard found corrupt or missing while training: not requeued
+        print(f"data error: {err}" + (f" (rank {env.rank})" if env.world_size > 1 else ""),
+              file=sys.stderr)
         return 2
     finally:
         trainer.stops.restore()

@@ -103,3 +103,19 @@ def test_pipe_read_that_keeps_failing_is_one_data_error(dataset, tmp_path, monke
     with pytest.raises(DataError, match=r"train-000000\.tar: cannot read after 4 attempt\(s\)"):
         source.load_shard(0)
     assert (tmp_path / "train-000000.tar.count").read_text().strip() == "4"
+
+
+def test_shard_corrupt_during_training_is_one_line_and_exit_2(tmp_path):
+    """Same size (so the start-up check passes), other bytes: found when the loader reads it,
+    in the middle of fit(); exit 2 (not requeued: a requeue would read the same bytes)."""
+    from tests.launch_helpers import run_training
+
+    data = write_dataset(tmp_path / "ds", 32, [16, 16])
+    for shard in data.glob("train-*.tar"):
+        raw = bytearray(shard.read_bytes())
+        raw[700] ^= 0xFF
+        shard.write_bytes(bytes(raw))
+    out = run_training(tmp_path / "run", [f"data.train={data}", "train.steps=2",
+                                          "train.sample_tokens=0"], expect_rc=2, timeout=180)
+    assert out.stderr.startswith("data error: ") and out.stderr.count("\n") == 1, out.stderr[-2000:]
+    assert "does not match the manifest" in out.stderr
