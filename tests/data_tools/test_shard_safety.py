@@ -101,3 +101,25 @@ def test_local_ray_wants_its_token(ray_local):
          ".internal_kv_keys(b'', None, timeout=3)"],
         env=env, capture_output=True, text=True, timeout=120)
     assert probe.returncode != 0 and "Authentication" in probe.stderr, probe.stderr[-2000:]
+
+
+def test_disk_full_while_writing_is_one_line_and_keeps_the_old_dataset(tmp_path, tokenizer,
+                                                                       ray_local, capsys):
+    """The shard writes fail (a file-size limit stands in for a full disk: the same OSError
+    path, EFBIG instead of ENOSPC). Every piece is cached, so the re-run starts no Ray."""
+    good = tmp_path / "good.jsonl"
+    write_jsonl(good, _docs(80, "full"))
+    out = tmp_path / "out"
+    args = ["--input", good, "--output", out, "--tokenizer", tokenizer, "--seq-len", 32,
+            "--shard-samples", 40, "--no-progress", "--keep-work"]
+    assert cli_in_process(args, capsys)[0] == 0
+    before = output_files(out)
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
+              "from data_tools import shard; sys.exit(shard.main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, args + ["--overwrite"])],
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: cannot write ") and proc.stderr.count("\n") == 1
+    assert "File too large" in proc.stderr and "(0 cached)" not in proc.stdout
+    assert output_files(out) == before
