@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pretrain.config import ConfigError, check_run_dir, load_config
+from pretrain.config import check_run_dir, load_config
 from tests.test_config import SMOKE, _error
 
 

@@ -6,18 +6,9 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 
-from tests.launch_helpers import run_training, start_ranks
-
-
-def session_processes(sid: int) -> list[str]:
-    """`pid args` of every live process of a session (zombies hold nothing)."""
-    out = subprocess.run(["ps", "-eo", "pid=,sid=,stat=,args="], capture_output=True,
-                         text=True).stdout
-    return [line for line in out.splitlines()
-            if line.split()[1] == str(sid) and not line.split()[2].startswith("Z")]
+from tests.launch_helpers import leftover_processes, run_training, start_ranks
 
 
 def test_stale_extension_lock_is_not_waited_on(tmp_path):
@@ -51,10 +42,7 @@ def test_sigkill_during_async_save_leaves_no_process(tmp_path):
             time.sleep(0.05)
         trainer.send_signal(signal.SIGKILL)
         trainer.wait(timeout=30)
-        deadline = time.monotonic() + 20
-        while session_processes(trainer.pid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert session_processes(trainer.pid) == []
+        assert leftover_processes(trainer.pid) == []
     finally:
         try:
             os.killpg(trainer.pid, signal.SIGKILL)

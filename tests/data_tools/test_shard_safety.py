@@ -10,12 +10,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
-
-import pytest
 
 from tests.data_tools.test_shard import (REPO, SHARD, build, cli_in_process,  # noqa: F401
                                          output_files, ray_local, tokenizer, write_jsonl)
+from tests.launch_helpers import leftover_processes
 
 
 def _docs(n: int, salt: str) -> list[dict]:
@@ -54,11 +52,6 @@ def test_output_that_is_a_file_or_unwritable_is_one_line(tmp_path, tokenizer, ca
     assert "file/sub: cannot create or lock it (Not a directory)" in err
 
 
-def _session_processes(sid: int) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if line.split()[1] == str(sid)]
-
-
 def test_killed_run_leaves_no_ray_process(tmp_path, tokenizer):
     from data_tools.shard_lib.pack import KILL_AFTER_ENV
 
@@ -74,10 +67,7 @@ def test_killed_run_leaves_no_ray_process(tmp_path, tokenizer):
     try:
         _, stderr = proc.communicate(timeout=240)
         assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
-        deadline = time.monotonic() + 20
-        while _session_processes(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert _session_processes(proc.pid) == []
+        assert leftover_processes(proc.pid) == []
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
