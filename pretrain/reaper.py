@@ -20,6 +20,7 @@ import sys
 import time
 
 _started_for: int | None = None
+_watcher: subprocess.Popen | None = None  # held so no "still running" warning at exit
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
@@ -77,12 +78,12 @@ def watch(parent: int, interval: float) -> None:
 
 def start_reaper(interval: float = 0.5) -> None:
     """Start the watcher for this process (once; Linux only, elsewhere a no-op)."""
-    global _started_for
+    global _started_for, _watcher
     if _started_for == os.getpid() or not os.path.isdir("/proc/self"):
         return
     _started_for = os.getpid()
     # No inherited stdout/stderr: the watcher must not keep a pipe of the job open.
-    subprocess.Popen([sys.executable, "-c", "import sys; from pretrain.reaper import watch; "
+    _watcher = subprocess.Popen([sys.executable, "-c", "import sys; from pretrain.reaper import watch; "
                       "watch(int(sys.argv[1]), float(sys.argv[2]))", str(os.getpid()), str(interval)],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      env={**os.environ, "PYTHONPATH": os.pathsep.join(
