@@ -20,6 +20,8 @@ normalized text, and packed into samples of seq_len + 1 tokens.
 
 Output is byte-identical for any --num-workers. Shards and manifest.json are written under
 temp names and renamed when complete, manifest last (OUTPUT/.lock keeps a second run out).
+An OUTPUT that holds a finished dataset of other settings or inputs is refused unless
+--overwrite; the old dataset stays whole (manifest and shards) until the new one is complete.
 Tokenized pieces are cached in OUTPUT/.work, so re-running the same command after a kill
 resumes and gives the same bytes; the cache is deleted after success (--keep-work keeps it).
 Documents longer than --chunk-bytes are encoded in chunks cut where a run of spaces starts
@@ -81,6 +83,9 @@ def parse_args(argv=None) -> Options:
                              "with invalid JSON, instead of stopping with an error")
     parser.add_argument("--chunk-bytes", type=int, default=1 << 20, metavar="B",
                         help="encode documents longer than this in chunks (default: 1 MiB)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a finished dataset of other settings or inputs in OUTPUT "
+                             "(the old one stays whole until the new one is complete)")
     parser.add_argument("--keep-work", action="store_true",
                         help="keep the tokenization cache OUTPUT/.work after success")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
@@ -95,7 +100,7 @@ def parse_args(argv=None) -> Options:
                    num_workers=args.num_workers, ray_address=args.ray_address,
                    txt_mode=args.txt_mode, dedup=args.dedup, shard_samples=args.shard_samples,
                    skip_bad_records=args.skip_bad_records, chunk_bytes=args.chunk_bytes,
-                   keep_work=args.keep_work, progress=args.progress,
+                   keep_work=args.keep_work, progress=args.progress, overwrite=args.overwrite,
                    unit_bytes=args.unit_bytes, piece_bytes=args.piece_bytes)
 
 

@@ -48,6 +48,7 @@ _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
+from data_tools.shard_lib.clean import is_binary, is_binary_file  # noqa: E402
 from data_tools.tokenizer_lib import (CARD_FORMAT, CARD_VERSION, SPECIAL_IDS,  # noqa: E402
                                       card_path, file_sha256)
 
@@ -143,6 +144,7 @@ class CorpusStats:
         self.long_lines_split = 0
         self.long_line_chunks = 0
         self.utf8_repaired = 0  # documents whose invalid UTF-8 became U+FFFD
+        self.binary_skipped = 0  # documents shard.py would reject as 'binary' (same rule)
 
     def as_dict(self) -> dict:
         return dict(vars(self))
@@ -159,6 +161,11 @@ def _decode(raw: bytes) -> tuple[str, bool]:
 def _documents(path: Path, kind: str, stream, text_key: str, stats: CorpusStats):
     """Yield the text of each document: a .txt file is one document; a .jsonl line is one."""
     if kind == ".txt":
+        # shard.py drops binary documents; a tokenizer trained on them would waste its
+        # vocabulary on pieces the shards never contain.
+        if is_binary_file(path):
+            stats.binary_skipped += 1
+            return
         # Streamed line by line (a .txt may be large); the file is still one document.
         stats.documents += 1
         repaired = False
@@ -189,10 +196,14 @@ def _documents(path: Path, kind: str, stream, text_key: str, stats: CorpusStats)
             raise InputError(f"{path} line {number}: field {text_key!r} is "
                              f"{type(text).__name__}, not a string; pass --text-key naming a text field")
         try:
-            text.encode("utf-8")
+            data = text.encode("utf-8")
         except UnicodeEncodeError:  # lone surrogates from JSON escapes such as "\ud800"
             repaired = True
             text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+            data = text.encode("utf-8")
+        if is_binary(data):
+            stats.binary_skipped += 1
+            continue
         stats.documents += 1
         stats.utf8_repaired += repaired
         yield text
@@ -440,8 +451,9 @@ def main(argv=None) -> int:
         sampler = ReservoirSampler(args.max_sentences, args.seed)
         inputs = collect_sentences(paths, args.text_key, sampler, stats)
         if stats.sentences == 0:
+            binary = f", {stats.binary_skipped} binary skipped" if stats.binary_skipped else ""
             raise InputError(f"the {len(paths)} input file(s) hold no text ({stats.documents} "
-                             f"documents, all empty); check --input"
+                             f"documents, all empty{binary}); check --input"
                              + ("" if any(_kind(p) == ".txt" for p in paths) else " and --text-key"))
         sentences = sampler.sample()
         options = sentencepiece_options(args)
@@ -488,6 +500,8 @@ def main(argv=None) -> int:
     print(f"trained a {args.model_type} tokenizer of {vocab_size} pieces on {len(sentences):,} of "
           f"{stats.sentences:,} sentences{sampled} ({stats.documents:,} documents in "
           f"{len(paths)} files)")
+    if stats.binary_skipped:
+        print(f"  {stats.binary_skipped:,} binary document(s) skipped (as shard.py does)")
     if stats.long_lines_split:
         print(f"  {stats.long_lines_split:,} line(s) over {MAX_SENTENCE_BYTES} bytes split into "
               f"{stats.long_line_chunks:,} sentences")

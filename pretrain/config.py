@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -204,15 +205,20 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}={value!r} must be an integer")
     if annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
         # YAML 1.1 reads `3e-4` (no dot) as a string; accept anything float() parses.
-        if isinstance(value, str):
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}={value!r} must be a number")
+        if number is None:
+            raise ConfigError(f"{where}={value!r} must be a number")
+        if not math.isfinite(number):  # .nan / .inf: every comparison with them is False
+            raise ConfigError(f"{where}={value!r} must be a finite number")
+        return number
     if annotation is str:
         if isinstance(value, str):
             return value
@@ -250,9 +256,10 @@ def _coerce_blend(value: Any, where: str) -> list[dict]:
             raise ConfigError(f"{where}: {item!r} is not a path or a {{path: ..., weight: ...}} "
                               f"mapping, e.g. {where}=[{{path: data/web, weight: 0.7}}]")
         weight = item.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                or not math.isfinite(weight) or weight <= 0:
             raise ConfigError(f"{where}: weight {weight!r} of {item['path']!r} must be a "
-                              f"positive number")
+                              f"positive finite number")
         out.append({"path": str(item["path"]), "weight": float(weight)})
     return out
 
@@ -291,11 +298,16 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file, "
                           f"e.g. configs/smoke.yaml")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: unreadable ({err}); pass a YAML text file") from None
+    if not data:  # an empty file would silently be a full default run
+        raise ConfigError(f"{path} is empty; give at least run.dir and data.train, e.g. copy "
+                          f"configs/smoke.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data
@@ -360,7 +372,17 @@ _RUN_IDENTITY = ("model", "data.train", "train.seed", "train.seq_length")
 
 
 def check_run_dir(cfg: Config) -> None:
-    """Refuse a run directory whose config.yaml belongs to a different run."""
+    """Refuse a run directory that is not a writable directory, or whose config.yaml belongs
+    to a different run. Nothing is created here (a dry run leaves no trace)."""
+    existing = Path(cfg.run.dir)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"run.dir={cfg.run.dir}: {existing} is a file, not a directory; choose "
+                          f"another run.dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.dir={cfg.run.dir}: {existing} is not writable (read-only or no "
+                          f"permission); choose a writable run.dir")
     path = Path(cfg.run.dir) / "config.yaml"
     if not path.is_file():
         return

@@ -4,10 +4,11 @@ Reads as the list of builds it performs: config -> process groups -> model -> Ze
 data -> checkpoint (resume) -> trainer.fit() -> sample. `build()` returns everything built,
 for tests and tools that need a live model without training.
 
-Exit status: 0 done; 2 a configuration, data or checkpoint problem (one line, before any
-training) or too many non-finite steps in a row (guards.py); 75 (EXIT_REQUEUE) stopped by
-SIGTERM/SIGUSR1 after saving a checkpoint, to be requeued; 76 (guards.EXIT_HUNG) a step hung
-past the watchdog's budget; anything else is a crash.
+Exit status: 0 done; 2 a configuration, data or checkpoint problem (one line; also a
+shard found corrupt during training, since a requeue would fail the same way) or too
+many non-finite steps in a row (guards.py); 75 (EXIT_REQUEUE) stopped by SIGTERM/SIGUSR1
+after saving a checkpoint, to be requeued; 76 (guards.EXIT_HUNG) a step hung past the
+watchdog's budget; anything else is a crash.
 """
 
 from __future__ import annotations
@@ -180,6 +181,10 @@ def main(argv=None) -> int:
     except TrainingHalted as err:
         if env.rank == 0:
             print(f"training error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:  # a shard found corrupt or missing while training: not requeued
+        print(f"data error: {err}" + (f" (rank {env.rank})" if env.world_size > 1 else ""),
+              file=sys.stderr)
         return 2
     finally:
         stops.restore()

@@ -138,3 +138,22 @@ def run_on_terminal(cmd: list[str], timeout: int = 120) -> tuple[int, str, str]:
     os.close(master)
     stdout = proc.stdout.read().decode()
     return proc.wait(), stdout, shown.decode(errors="replace")
+
+
+def session_processes(sid: int) -> list[str]:
+    """`pid sid stat args` of every live process of a session (zombies hold nothing)."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,stat=,args="], capture_output=True,
+                         text=True).stdout
+    return [line for line in out.splitlines()
+            if line.split()[1] == str(sid) and not line.split()[2].startswith("Z")]
+
+
+def leftover_processes(sid: int, timeout: float = 20) -> list[str]:
+    """The processes of a session still alive after waiting up to `timeout` s for them to go
+    (a process started with start_new_session=True leads a session of its own pid)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while session_processes(sid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return session_processes(sid)

@@ -51,6 +51,20 @@ def is_binary(data: bytes) -> bool:
     return bad > BINARY_FRACTION * characters
 
 
+def is_binary_file(path) -> bool:
+    """is_binary over a whole file, read in blocks (invalid UTF-8 repaired as U+FFFD)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    bad = characters = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(_VALIDATE_BLOCK)
+            text = decoder.decode(block, final=not block).encode("utf-8")
+            bad += text.count(_REPLACEMENT) + text.count(b"\x00")
+            characters += len(text.translate(None, _CONTINUATION))
+            if not block:
+                return bool(bad) and bad > BINARY_FRACTION * characters
+
+
 def chunk_bounds(doc, limit: int) -> list[tuple[int, int]]:
     """Split points that keep every chunk <= limit bytes, for encoding a long document in pieces
     (`doc`: bytes or a uint8 array, so an Arrow buffer needs no copy).

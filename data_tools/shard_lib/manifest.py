@@ -4,14 +4,14 @@ back, with the format checks every reader makes, in inspect_shards.py."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
+
+from pretrain.data.sources import SHARD_NAME_RE  # noqa: F401 - one definition, for readers too
 
 FORMAT = "pretrain-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
-SHARD_NAME_RE = re.compile(r"^(train|val)-(\d{6})\.tar$")
 RESHARD = "re-run data_tools/shard.py"
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import sys
 import time
 import warnings
@@ -25,14 +26,16 @@ from typing import Iterator
 import numpy as np
 
 from data_tools.shard_lib import manifest as manifest_lib
-from data_tools.shard_lib.atomic import DirLock, fsync_dir, remove_stale_temps, write_atomic
+from data_tools.shard_lib.atomic import DirLock, remove_stale_temps
 from data_tools.shard_lib.cache import TokenizedPiece, WorkCache
 from data_tools.shard_lib.errors import ShardError
 from data_tools.shard_lib.inputs import (FIRST, LAST, REJECT_REASONS, plan_units, read_batch,
                                          resolve_inputs)
 from data_tools.shard_lib.pack import ShardCounter, SplitWriter, default_shard_samples
+from data_tools.shard_lib import replace
 from data_tools.shard_lib.tokenize import TokenizeWorker, token_dtype
 from data_tools.tokenizer_lib import EOS_CANDIDATES, HFTokenizer, TokenizerError, is_hf_tokenizer
+from pretrain.reaper import start_reaper
 
 NORMALIZATION = "ascii-whitespace-collapsed, stripped; blake2b-128"
 TXT_MODES = ("file", "paragraph")
@@ -55,6 +58,7 @@ class Options:
     chunk_bytes: int = 1 << 20
     keep_work: bool = False
     progress: bool = True
+    overwrite: bool = False  # replace a finished dataset of other settings/inputs in OUTPUT
     # Granularity only (not in the manifest, no effect on the output bytes): read tasks of
     # about unit_bytes of input, tokenized and cached in pieces of about piece_bytes of text.
     unit_bytes: int = 64 << 20
@@ -188,6 +192,7 @@ def _bad_record_message(bad: dict) -> str:
 
 
 REPO = Path(__file__).resolve().parents[2]
+_LOCAL_TOKEN = secrets.token_hex(32)
 
 
 def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
@@ -208,10 +213,31 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     if str(REPO) not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, paths)])
+    # Ray's servers listen on every interface (2.60 has no setting to bind them to loopback,
+    # and maps a 127.0.0.1 node address to the host's own): token authentication, with a
+    # fresh random token per process that is never written to disk, keeps anyone else who
+    # can reach them from running code. An explicit RAY_AUTH_MODE of the user's wins.
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN"] = _LOCAL_TOKEN
+        # Ray reads its config once, at import; ray.init's own token set-up refreshes it so.
+        from ray._raylet import Config
+
+        Config.initialize("")
+    # Ray's agents outlive a SIGKILLed driver (and then hold the job's output open).
+    start_reaper()
     # log_to_driver=False: workers print nothing useful; their failures reach the driver as
     # exceptions, which build() turns into one error line.
-    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+    ray.init(num_cpus=num_cpus or local_cpus(), include_dashboard=False,
              logging_level=logging.ERROR, log_to_driver=False)
+
+
+def local_cpus() -> int:
+    """CPUs this process may run on (the affinity mask SLURM or taskset set)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _start_ray(opts: Options) -> tuple[int, bool]:
@@ -219,6 +245,11 @@ def _start_ray(opts: Options) -> tuple[int, bool]:
     import ray
 
     owned = False
+    if not opts.ray_address and opts.num_workers and opts.num_workers > local_cpus():
+        # One single-threaded tokenizer per CPU: more actors only compete for the same cores.
+        print(f"shard: --num-workers {opts.num_workers} is more than the {local_cpus()} CPUs "
+              f"here; using {local_cpus()}", file=opts.log or sys.stdout, flush=True)
+        opts.num_workers = local_cpus()
     if not ray.is_initialized():
         init_ray(opts.num_workers, opts.ray_address)
         owned = True
@@ -300,12 +331,6 @@ class _Stats:
         self.rejected = Counter({reason: 0 for reason in REJECT_REASONS})
 
 
-def _remove_stale_shards(output: Path, keep: set[str]) -> None:
-    for entry in os.scandir(output):
-        if manifest_lib.SHARD_NAME_RE.match(entry.name) and entry.name not in keep:
-            os.unlink(entry.path)
-
-
 def build(opts: Options) -> dict:
     """Run the whole pipeline; returns the manifest written to OUTPUT/manifest.json."""
     log = opts.log or sys.stdout
@@ -317,19 +342,33 @@ def build(opts: Options) -> dict:
     output = Path(opts.output)
     if output.exists() and not output.is_dir():
         raise ShardError(f"--output {output}: exists and is not a directory")
-    output.mkdir(parents=True, exist_ok=True)
-    lock = DirLock(output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        lock = DirLock(output)
+    except OSError as err:
+        raise ShardError(f"--output {output}: cannot create or lock it ({err.strerror or err}); "
+                         f"choose a writable directory") from None
     writers: dict[str, SplitWriter] = {}
     ray_owned = False
     progress = None
     pieces_from_ray: Iterator[TokenizedPiece] = iter(())
     try:
         remove_stale_temps(output)
-        # From here until the new manifest is renamed into place the directory is not a
-        # dataset: a reader must never pair an old manifest with new shards.
-        if (output / manifest_lib.MANIFEST).exists():
-            (output / manifest_lib.MANIFEST).unlink()
-            fsync_dir(output)
+        shard_samples = opts.shard_samples or default_shard_samples(opts.seq_len, dtype.itemsize)
+        settings = {"val_fraction": opts.val_fraction, "dedup": opts.dedup,
+                    "text_key": opts.text_key, "txt_mode": opts.txt_mode,
+                    "skip_bad_records": opts.skip_bad_records, "shard_samples": shard_samples,
+                    "chunk_bytes": opts.chunk_bytes, "normalization": NORMALIZATION,
+                    "split_rule": "val if blake2b(normalized)[:8] / 2^64 < val_fraction"}
+        inputs = [{"path": path, "bytes": os.path.getsize(path)} for path in files]
+        identity = {"seq_len": opts.seq_len, "token_dtype": dtype.name, "eod_id": tok.eos_id,
+                    "tokenizer": {"sha256": tok.sha256}, "settings": settings, "inputs": inputs}
+        # A finished dataset in OUTPUT stays whole until the new one replaces it (replace.py).
+        staged = replace.check_replace(output, replace.existing_dataset(output), identity,
+                                       opts.overwrite)
+        shard_dir = replace.staging_dir(output) if staged else output
+        if not staged:
+            replace.remove_staging(output)
         units = plan_units(files, opts.txt_mode, opts.text_key, opts.unit_bytes)
         cache = WorkCache(output, salt={
             "tokenizer": tok.sha256, "text_key": opts.text_key, "chunk_bytes": opts.chunk_bytes,
@@ -337,9 +376,8 @@ def build(opts: Options) -> dict:
         keys = [cache.unit_key(u) for u in units]
         cached = [cache.complete(k) for k in keys]
         todo = [u for u, n in zip(units, cached) if not n]
-        shard_samples = opts.shard_samples or default_shard_samples(opts.seq_len, dtype.itemsize)
         counter = ShardCounter()
-        writers = {split: SplitWriter(output, split, opts.seq_len, dtype, tok.eos_id,
+        writers = {split: SplitWriter(shard_dir, split, opts.seq_len, dtype, tok.eos_id,
                                       shard_samples, counter) for split in manifest_lib.SPLITS}
         total_bytes = sum(s["weight"] for u in units for s in u["segments"])
         workers = opts.num_workers
@@ -393,14 +431,9 @@ def build(opts: Options) -> dict:
             documents={"read": stats.read, "kept": stats.kept, "utf8_repaired": stats.repaired,
                        "rejected": dict(stats.rejected)},
             tokens_dropped_tail=tails,
-            settings={"val_fraction": opts.val_fraction, "dedup": opts.dedup,
-                      "text_key": opts.text_key, "txt_mode": opts.txt_mode,
-                      "skip_bad_records": opts.skip_bad_records, "shard_samples": shard_samples,
-                      "chunk_bytes": opts.chunk_bytes, "normalization": NORMALIZATION,
-                      "split_rule": "val if blake2b(normalized)[:8] / 2^64 < val_fraction"},
-            inputs=[{"path": path, "bytes": os.path.getsize(path)} for path in files])
-        write_atomic(output / manifest_lib.MANIFEST, manifest_lib.dumps(manifest))
-        _remove_stale_shards(output, {s["name"] for sp in splits.values() for s in sp["shards"]})
+            settings=settings, inputs=inputs)
+        replace.publish(output, shard_dir, manifest_lib.dumps(manifest),
+                        {s["name"] for sp in splits.values() for s in sp["shards"]})
         if not opts.keep_work:
             cache.remove()
         elapsed = time.monotonic() - started
@@ -411,18 +444,29 @@ def build(opts: Options) -> dict:
               f"tokenized in {elapsed:.1f} s ({progress.tokens / max(elapsed, 1e-9):,.0f} tokens/s)"
               f" -> {output}", file=log, flush=True)
         return manifest
+    except OSError as err:  # a full, read-only or vanished OUTPUT (inputs are checked earlier)
+        where = err.filename or output
+        raise ShardError(f"cannot write {where}: {err.strerror or err}; free space or fix the "
+                         f"permissions of --output {output}, then re-run the same command to "
+                         f"resume") from None
     finally:
-        if progress is not None:
-            progress.close()
-        if hasattr(pieces_from_ray, "close"):
-            pieces_from_ray.close()  # stops Ray Data's executor when we leave early
-        for writer in writers.values():
-            writer.abort()
-        if ray_owned:
-            import ray
+        # Each step on its own: a failing one (a full disk fails the abort's close too) must
+        # not skip ray.shutdown() or the lock release.
+        cleanups = [pieces_from_ray.close if hasattr(pieces_from_ray, "close") else None,
+                    progress.close if progress is not None else None,
+                    *[writer.abort for writer in writers.values()],
+                    _shutdown_ray if ray_owned else None, lock.release]
+        for cleanup in filter(None, cleanups):
+            try:
+                cleanup()
+            except Exception:  # noqa: BLE001 - the error that got us here is the one to report
+                pass
 
-            ray.shutdown()
-        lock.release()
+
+def _shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()
 
 
 class _Router:

@@ -41,6 +41,7 @@ from pretrain.checkpoint import store, weights
 from pretrain.checkpoint.optimizer_state import OptimizerState
 from pretrain.checkpoint.store import CheckpointDir, CheckpointError
 from pretrain.log import log, warn
+from pretrain.reaper import start_reaper
 
 # Test hook (documented in docs/checkpoints.md): "ACTION:POINT:STEP[:RANK]" makes the given
 # rank (all ranks when omitted) SIGKILL itself ("kill") or send itself SIGTERM ("signal") at
@@ -140,6 +141,11 @@ class Checkpointer:
         self.dir = CheckpointDir(Path(cfg.run.dir) / "checkpoints")
         self.opt = OptimizerState(zero.engine)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        # Steps saved or loaded (so verified) by this process: retention counts them as intact
+        # without hashing them again (the one resumed from is deleted only once keep_last
+        # newer intact ones exist).
+        self.known_good: set[int] = set()
+        self.rejected: list[tuple[Path, str]] = []  # (checkpoint, why) skipped by find()
         _start_results_queue()
         mode = cfg.checkpoint.async_save
         self.async_queue = None
@@ -149,6 +155,9 @@ class Checkpointer:
             # A forked writer per save: it sees the tensors as they were at the fork (copies
             # in host memory on GPU), so training may change them right away.
             self.async_queue = AsyncCallsQueue(persistent=False)
+            # The writer forks writers of its own; after a SIGKILL of this process they
+            # blocked forever on their results queue, holding memory and the job's stdout.
+            start_reaper()
 
     # ================================================================== state dicts
     def _model_sharded(self) -> dict:
@@ -212,8 +221,8 @@ class Checkpointer:
     def _train_state(self, step: int) -> dict:
         sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
         return {
+            **self.train_state.state_dict(),  # step, tokens, skipped updates
             "step": step,
-            "tokens": self.train_state.tokens,
             "optimizer_step": self.opt.step_count(),
             "scheduler": sched,
             "loader": self.loader.state_dict(),
@@ -294,8 +303,10 @@ class Checkpointer:
                 _fault("record_written", step)
                 self.dir.publish(staging, step, after_rename=lambda: _fault("renamed", step))
                 _fault("latest_written", step)
-                deleted = self.dir.apply_retention(self.cfg.checkpoint.keep_last,
-                                                   self.cfg.checkpoint.keep_every)
+                self.known_good.add(step)
+                deleted = self.dir.apply_retention(
+                    self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every,
+                    protect={step}, verified=self._intact)
                 if deleted:
                     log(f"checkpoint: retention removed step(s) {', '.join(map(str, deleted))}")
             except Exception as err:  # noqa: BLE001 - re-raised on every rank below
@@ -320,6 +331,12 @@ class Checkpointer:
         chosen = self._newest_complete(self.dir, None)
         if chosen is not None:
             return (*chosen, False)
+        if self.dir.candidates():  # there are checkpoints, and not one is usable
+            raise CheckpointError(
+                f"every checkpoint in {self.dir.root} failed verification ("
+                f"{'; '.join(f'{p.name}: {why}' for p, why in self.rejected)}); starting "
+                f"over from step 0 would discard the run. Restore them, or move them away to "
+                f"start from scratch")
         if c.load_from and hf_import.is_hf(c.load_from):
             return hf_import.hf_dir(c.load_from), None, True
         if c.load_from:
@@ -341,8 +358,11 @@ class Checkpointer:
                     log(f"checkpoint: {where.root}/latest says {pointer}; using {path.name}, the "
                         f"newest complete checkpoint")
                 state = json.loads((path / store.TRAIN_STATE).read_text())
+                if where is self.dir:
+                    self.known_good.add(state["step"])
                 return path, state
             warn(f"checkpoint: skipping {path}: {problem}")
+            self.rejected.append((path, problem))
             if exact is not None:
                 raise CheckpointError(f"checkpoint.load_from={exact}: {problem}")
         return None
@@ -372,6 +392,22 @@ class Checkpointer:
         problems = [None] * self.world
         dist.all_gather_object(problems, problem)
         return next((p for p in problems if p), None)
+
+    def _intact(self, cand: store.Candidate) -> bool:
+        """Rank 0, for retention: a checkpoint not known good is checked now (record, sizes
+        and, with checkpoint.verify, sha256), so only intact ones count as kept."""
+        if cand.step in self.known_good:
+            return True
+        try:
+            record = store.read_record(cand.path)
+            store.check_sizes(cand.path, record)
+            if self.cfg.checkpoint.verify:
+                store.check_digests(cand.path, record, sorted(record["files"]))
+        except CheckpointError as err:
+            warn(f"checkpoint: retention keeps {cand.path} but does not count it: {err}")
+            return False
+        self.known_good.add(cand.step)
+        return True
 
     def check_compatible(self, path: Path, state: dict) -> None:
         want = model_signature(self.cfg, self.layout.padded_vocab_size)

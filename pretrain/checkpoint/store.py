@@ -149,39 +149,56 @@ def check_digests(path: Path, record: dict, names: list[str]) -> None:
             raise CheckpointError(f"{path / rel}: sha256 differs from {RECORD} (corrupt)")
 
 
-# torch.distributed.checkpoint reads its `.metadata` index with plain pickle.load (the
-# tensor files themselves with weights_only=True). Before it does, the index is unpickled
-# once with this allowlist, so a crafted checkpoint cannot run code through it: only
-# torch.Size, dtypes, the layout helper and the classes of DCP's own metadata modules.
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                "torch.distributed.checkpoint.planner")
+# torch.distributed.checkpoint reads its `.metadata` index with plain pickle.load, and an
+# index entry of type BytesStorageMetadata makes the load planner torch.load(...,
+# weights_only=False) that entry's bytes. Before DCP sees a checkpoint, the index is
+# unpickled once here with an exact-class allowlist (the classes a tensor-only index holds),
+# and refused if any entry is not a tensor: this code never saves anything but tensors.
+_DCP_META = "torch.distributed.checkpoint.metadata"
+_DCP_PLANNER = "torch.distributed.checkpoint.planner"
+_INDEX_CLASSES = frozenset({
+    (_DCP_META, "Metadata"), (_DCP_META, "TensorStorageMetadata"), (_DCP_META, "TensorProperties"),
+    (_DCP_META, "ChunkStorageMetadata"), (_DCP_META, "StorageMeta"), (_DCP_META, "MetadataIndex"),
+    (_DCP_META, "_MEM_FORMAT_ENCODING"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    # megatron keeps the save plans in the index (to reuse them on the next save)
+    (_DCP_PLANNER, "SavePlan"), (_DCP_PLANNER, "WriteItem"), (_DCP_PLANNER, "WriteItemType"),
+    (_DCP_PLANNER, "TensorWriteData"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+})
 
 
 class _IndexUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        import importlib
-
         import torch
 
-        allowed = (
-            (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
-            or (module == "torch.serialization" and name == "_get_layout")
-            or (module in _DCP_MODULES
-                and isinstance(getattr(importlib.import_module(module), name, None), type)))
-        if not allowed:
-            raise pickle.UnpicklingError(f"refers to {module}.{name}")
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) not in _INDEX_CLASSES and not is_dtype:
+            raise pickle.UnpicklingError(f"refers to {module}.{name}, which a tensor index never holds")
         return super().find_class(module, name)
 
 
 def check_index_pickle(path: Path) -> None:
+    """Refuse a `.metadata` that would run code or unpickle anything when DCP loads it."""
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
     index = path / ".metadata"
     if not index.exists():
         return
     try:
         with open(index, "rb") as f:
-            _IndexUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as err:
-        raise CheckpointError(f"{index}: not a plain tensor index ({err}); refusing to load it") from None
+            metadata = _IndexUnpickler(f).load()
+    except Exception as err:  # noqa: BLE001 - any failure to parse is a refusal
+        raise CheckpointError(f"{index}: not a plain tensor index ({type(err).__name__}: {err}); "
+                              f"refusing to load it") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+        raise CheckpointError(f"{index}: not a torch.distributed.checkpoint index "
+                              f"({type(metadata).__name__}); refusing to load it")
+    for key, entry in metadata.state_dict_metadata.items():
+        if type(entry) is not TensorStorageMetadata:
+            raise CheckpointError(f"{index}: entry {key!r} is a {type(entry).__name__}, not a "
+                                  f"tensor; loading it would unpickle its bytes, so this "
+                                  f"checkpoint is refused")
 
 
 @dataclass(frozen=True)
@@ -242,12 +259,20 @@ class CheckpointDir:
         fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 
-    def apply_retention(self, keep_last: int, keep_every: int) -> list[int]:
-        """Delete published checkpoints beyond the newest keep_last, except multiples of
-        keep_every. Returns the steps deleted."""
-        deleted = []
-        for index, cand in enumerate(self.candidates()):
-            if index < keep_last or (keep_every and cand.step % keep_every == 0):
+    def apply_retention(self, keep_last: int, keep_every: int, protect: set[int] = frozenset(),
+                        verified=None) -> list[int]:
+        """Delete published checkpoints beyond the newest keep_last *verified* ones, except
+        multiples of keep_every and the steps in `protect` (the one just saved, the one
+        resumed from). `verified(candidate)` says whether a checkpoint is intact (default:
+        all are); one that is not is neither counted nor deleted here, so a corrupt newest
+        checkpoint can never push the good ones out. Returns the steps deleted."""
+        deleted, counted = [], 0
+        for cand in self.candidates():
+            if counted < keep_last:
+                if cand.step in protect or verified is None or verified(cand):
+                    counted += 1
+                continue
+            if cand.step in protect or (keep_every and cand.step % keep_every == 0):
                 continue
             self._trash(cand.path)
             deleted.append(cand.step)

@@ -11,6 +11,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import re
+import shlex
+import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +23,14 @@ import numpy as np
 FORMAT = "pretrain-shards"
 SUPPORTED_VERSIONS = (1,)
 RESHARD_HINT = "re-run data_tools/shard.py to regenerate it"
+# The only shard names shard.py writes. A manifest is data from outside (a bucket, a copy):
+# a name is checked against this before it becomes part of a path or a `pipe:` command.
+SHARD_NAME_RE = re.compile(r"^(train|val)-(\d{6})\.tar$")
+# Remote reads (URL, `pipe:`) are retried: READ_ATTEMPTS tries, waiting RETRY_BASE_S, then
+# twice as long each time (capped at RETRY_MAX_S), before the failure becomes a DataError.
+READ_ATTEMPTS = 4
+RETRY_BASE_S = 2.0
+RETRY_MAX_S = 30.0
 
 
 class DataError(RuntimeError):
@@ -31,22 +44,43 @@ class ShardData:
     keys: np.ndarray  # [n] int64 sample keys (index within the split)
 
 
+def _is_local(path: str) -> bool:
+    return not path.startswith("pipe:") and "://" not in path
+
+
 def _url_for(prefix: str, name: str) -> str:
     if "{name}" in prefix:
-        return prefix.replace("{name}", name)
+        # Quoted for the shell that runs a `pipe:` command (names are checked as well).
+        return prefix.replace("{name}", shlex.quote(name) if prefix.startswith("pipe:") else name)
     return prefix.rstrip("/") + "/" + name
 
 
-def _read_url(url: str) -> bytes:
+def _read_once(url: str) -> bytes:
     import webdataset as wds
 
-    try:
-        with wds.gopen(url, "rb") as stream:
-            return stream.read()
-    except FileNotFoundError:
-        raise DataError(f"{url}: no such file") from None
-    except Exception as err:  # gopen raises plain IOErrors for failed pipe: commands
-        raise DataError(f"{url}: cannot read ({err})") from None
+    with wds.gopen(url, "rb") as stream:
+        return stream.read()
+
+
+def _read_url(url: str) -> bytes:
+    """The whole object; remote reads are retried with exponential backoff, each failure
+    logged, and the last one becomes one DataError line."""
+    attempts = 1 if _is_local(url) else READ_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        try:
+            return _read_once(url)
+        except FileNotFoundError:
+            if attempts == 1:
+                raise DataError(f"{url}: no such file") from None
+            reason = "no such file"
+        except Exception as err:  # noqa: BLE001 - gopen raises plain IOErrors for pipe: commands
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if attempt < attempts:
+            delay = min(RETRY_BASE_S * 2 ** (attempt - 1), RETRY_MAX_S)
+            print(f"warning: data: reading {url} failed ({reason[:200]}); attempt {attempt + 1} "
+                  f"of {attempts} in {delay:g} s", file=sys.stderr, flush=True)
+            time.sleep(delay)
+    raise DataError(f"{url}: cannot read after {attempts} attempt(s) ({reason[:300]})")
 
 
 class ShardSource:
@@ -63,37 +97,54 @@ class ShardSource:
         manifest_url = _url_for(path, "manifest.json")
         try:
             manifest = json.loads(_read_url(manifest_url))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{manifest_url}: not valid JSON ({err.msg}); {RESHARD_HINT}") from None
-        if manifest.get("format") != FORMAT:
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            raise DataError(f"{manifest_url}: not valid JSON ({err}); {RESHARD_HINT}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
             raise DataError(f"{manifest_url}: not a shard manifest (format "
-                            f"{manifest.get('format')!r}, expected {FORMAT!r}); {RESHARD_HINT}")
+                            f"{found!r}, expected {FORMAT!r}); {RESHARD_HINT}")
         version = manifest.get("format_version")
         if version not in SUPPORTED_VERSIONS:
             raise DataError(f"{manifest_url}: format_version {version!r} is not supported by this "
                             f"reader (supports {', '.join(map(str, SUPPORTED_VERSIONS))}); "
                             f"{RESHARD_HINT} or upgrade pretrain")
         splits = manifest.get("splits", {})
-        if split not in splits or not splits[split].get("shards"):
-            raise DataError(f"{manifest_url}: no {split!r} split with shards (has: "
-                            f"{', '.join(sorted(splits)) or 'none'})")
+        if not isinstance(splits, dict) or split not in splits \
+                or not isinstance(splits[split], dict) or not splits[split].get("shards"):
+            has = ", ".join(sorted(splits)) if isinstance(splits, dict) else ""
+            raise DataError(f"{manifest_url}: no {split!r} split with shards (has: {has or 'none'})")
         self.manifest_url = manifest_url
-        self.seq_len = int(manifest["seq_len"])
-        self.dtype = np.dtype(manifest["token_dtype"]).newbyteorder("<")
-        self.eod_id = int(manifest["eod_id"])
-        self.tokenizer_sha256 = manifest["tokenizer"]["sha256"]
-        self.tokenizer_path = manifest["tokenizer"].get("path")
-        self.vocab_size = int(manifest["tokenizer"]["vocab_size"])
-        self.shards = splits[split]["shards"]
-        # UTF-8 bytes per token of the split's stream, for bits-per-byte; None for manifests
-        # written before shard.py recorded `text_bytes` (docs/formats.md).
-        text_bytes = splits[split].get("text_bytes")
-        stream = int(splits[split].get("tokens", 0)) + int(
-            manifest.get("tokens_dropped_tail", {}).get(split, 0))
-        self.bytes_per_token = (float(text_bytes) / stream
-                                if isinstance(text_bytes, int) and text_bytes > 0 and stream > 0
-                                else None)
-        self.shard_samples = np.array([int(s["samples"]) for s in self.shards], dtype=np.int64)
+        field = "seq_len"
+        try:  # a field of the wrong type or missing: one line naming it, not a traceback
+            self.seq_len = int(manifest["seq_len"])
+            field = "token_dtype"
+            self.dtype = np.dtype(manifest["token_dtype"]).newbyteorder("<")
+            field = "eod_id"
+            self.eod_id = int(manifest["eod_id"])
+            field = "tokenizer"
+            self.tokenizer_sha256 = str(manifest["tokenizer"]["sha256"])
+            self.tokenizer_path = manifest["tokenizer"].get("path")
+            self.vocab_size = int(manifest["tokenizer"]["vocab_size"])
+            field = f"splits.{split}.shards"
+            self.shards = list(splits[split]["shards"])
+            self._check_shards()
+            self.shard_samples = np.array([int(s["samples"]) for s in self.shards], dtype=np.int64)
+            for s in self.shards:
+                int(s["bytes"]), int(s["first_key"]), str(s["sha256"])
+            field = f"splits.{split}.text_bytes"
+            # UTF-8 bytes per token of the split's stream, for bits-per-byte; None for
+            # manifests written before shard.py recorded `text_bytes` (docs/formats.md).
+            text_bytes = splits[split].get("text_bytes")
+            stream = int(splits[split].get("tokens", 0)) + int(
+                manifest.get("tokens_dropped_tail", {}).get(split, 0))
+            self.bytes_per_token = (float(text_bytes) / stream
+                                    if isinstance(text_bytes, int) and text_bytes > 0
+                                    and stream > 0 else None)
+        except DataError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise DataError(f"{manifest_url}: field {field} is missing or malformed "
+                            f"({type(err).__name__}: {err}); {RESHARD_HINT}") from None
         self.num_samples = int(self.shard_samples.sum())
         # Content-defined identity: the order of a dataset survives moving or renaming it.
         self.digest = hashlib.sha256("".join(s["sha256"] for s in self.shards).encode()).hexdigest()
@@ -101,6 +152,36 @@ class ShardSource:
     @property
     def name(self) -> str:
         return f"{self.path}[{self.split}]"
+
+    def _check_shards(self) -> None:
+        """Names in the format shard.py writes (a name reaches paths and shell commands) and,
+        for a local directory, every shard present with its recorded size: a missing shard
+        fails at start-up, not when the loader reaches it hours later."""
+        for i, meta in enumerate(self.shards):
+            name = meta.get("name") if isinstance(meta, dict) else None
+            if not isinstance(name, str) or not SHARD_NAME_RE.match(name) \
+                    or not name.startswith(self.split + "-"):
+                raise DataError(f"{self.manifest_url}: splits.{self.split}.shards[{i}].name={name!r} "
+                                f"is not a {self.split}-NNNNNN.tar shard name; the manifest is "
+                                f"damaged or not from shard.py, {RESHARD_HINT}")
+        if not _is_local(self.path):
+            return
+        missing, wrong = [], []
+        for meta in self.shards:
+            try:
+                size = os.stat(_url_for(self.path, meta["name"])).st_size
+            except OSError:
+                missing.append(meta["name"])
+                continue
+            if self.verify and size != int(meta["bytes"]):
+                wrong.append(f"{meta['name']} ({size} bytes, manifest says {meta['bytes']})")
+        if missing:
+            raise DataError(f"{self.path}: {len(missing)} of {len(self.shards)} {self.split} shards "
+                            f"listed in manifest.json are missing ({', '.join(missing[:3])}"
+                            f"{', ...' if len(missing) > 3 else ''}); restore them or {RESHARD_HINT}")
+        if wrong:
+            raise DataError(f"{self.path}: {len(wrong)} {self.split} shard(s) differ in size from "
+                            f"manifest.json: {', '.join(wrong[:3])}; {RESHARD_HINT}")
 
     def load_shard(self, index: int) -> ShardData:
         from webdataset.tariterators import group_by_keys, tar_file_iterator

@@ -133,9 +133,26 @@ class ZeroEngine:
         return float(norm) if norm is not None else float("nan")
 
 
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce.
+
+    DeepSpeed's TorchBackend builds it on creation (under ~/.cache/torch_extensions) for
+    `inference_all_reduce`, which this project never calls: all communication goes through
+    torch.distributed. A process killed during that build leaves the build's `lock` file, and
+    every later CPU run waited on it forever; two venvs at different paths rebuilt it in turn.
+    Marking the op incompatible makes DeepSpeed skip it (comm/torch.py: build_shm_op)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def build_engine(model: torch.nn.Module, optimizer, lr_scheduler, ds_config: dict) -> ZeroEngine:
     import deepspeed
 
+    skip_shm_comm_build()
     stage0_norm = None
     if ds_config["zero_optimization"]["stage"] == 0:
         # Stage 0 uses the client optimizer as is, and DeepSpeed's own clipping there counts the

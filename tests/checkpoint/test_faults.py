@@ -17,6 +17,7 @@ import pytest
 from pretrain.checkpoint import store
 from pretrain.checkpoint.signals import EXIT_REQUEUE
 from pretrain.checkpoint.store import CheckpointDir
+from tests.checkpoint.crafted import RunsCode, plant_bytes_entry, rerecord
 from tests.launch_helpers import read_metrics, run_training, start_ranks, wait_all
 
 BASE = ["train.steps=6", "train.global_batch_size=8", "train.micro_batch_size=2",
@@ -91,16 +92,9 @@ def test_kill_one_rank_during_save(tmp_path, reference):
         assert got[step] == pytest.approx(want[step], rel=1e-5)
 
 
-class _RunsCode:
-    def __reduce__(self):
-        import os
-
-        return (os.system, ("echo pwned",))
-
-
-@pytest.mark.parametrize("damage", ["truncate", "flip", "crafted_index"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "crafted_index", "bytes_entry"])
 def test_corrupt_newest_falls_back(tmp_path, reference, damage):
-    run_dir = tmp_path / "run"
+    run_dir, marker = tmp_path / "run", tmp_path / "pwned"
     run_training(run_dir, BASE + ["train.exit_at_step=4"])
     newest = run_dir / "checkpoints" / "step_00000004"
     target = max((p for p in newest.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
@@ -110,21 +104,58 @@ def test_corrupt_newest_falls_back(tmp_path, reference, damage):
     elif damage == "flip":
         data[len(data) // 2] ^= 0xFF
         target.write_bytes(bytes(data))
-    else:  # a crafted checkpoint: code in the DCP index, and a record that matches it
+    elif damage == "crafted_index":  # code in the DCP index itself, with a matching record
         import pickle
 
-        (newest / ".metadata").write_bytes(pickle.dumps({"x": _RunsCode()}))
-        record = json.loads((newest / store.RECORD).read_text())
-        record["files"][".metadata"] = {"bytes": (newest / ".metadata").stat().st_size,
-                                        "sha256": store.sha256_file(newest / ".metadata")}
-        (newest / store.RECORD).write_text(json.dumps(record))
+        (newest / ".metadata").write_bytes(pickle.dumps({"x": RunsCode(f"touch {marker}")}))
+        rerecord(newest, [".metadata"])
+    else:  # a plain-looking index whose embedding entry makes DCP unpickle a payload
+        plant_bytes_entry(newest, f"touch {marker}")
     out = run_training(run_dir, BASE)
-    assert "pwned" not in out.stdout
+    assert not marker.exists(), "the crafted checkpoint ran code"
     reason = {"truncate": "truncated", "flip": "sha256 differs",
-              "crafted_index": "refusing to load it"}[damage]
+              "crafted_index": "refers to posix.system",
+              "bytes_entry": "BytesStorageMetadata"}[damage]
     assert f"skipping {newest}" in out.stderr and reason in out.stderr, out.stderr[-2000:]
     assert "at step 2 (same layout)" in out.stdout
     assert _losses(run_dir) == _losses(reference)
+
+
+def _flip_largest(ckpt_dir) -> None:
+    target = max((p for p in ckpt_dir.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+
+
+def test_corrupt_newest_with_keep_last_1_never_costs_the_good_ones(tmp_path):
+    """step 4 corrupt, step 2 good, keep_last=1: the resumed run saves step 3; retention must
+    keep step 3 (just saved, the one intact checkpoint it counts) and leave the corrupt step 4
+    (formerly it kept step 4 and deleted 3 and 2, and the next start began at step 0)."""
+    run_dir = tmp_path / "run"
+    run_training(run_dir, BASE + ["train.exit_at_step=4"])
+    ckpt = CheckpointDir(run_dir / "checkpoints")
+    _flip_largest(ckpt.root / "step_00000004")
+    out = run_training(run_dir, BASE + ["checkpoint.keep_last=1", "checkpoint.interval=1",
+                                        "train.exit_at_step=3"])
+    assert "at step 2 (same layout)" in out.stdout
+    assert "does not count it" in out.stderr and "step_00000004" in out.stderr, out.stderr[-2000:]
+    assert [c.step for c in ckpt.candidates()] == [4, 3]
+    assert _complete(ckpt.root / "step_00000003")
+    out = run_training(run_dir, BASE + ["checkpoint.keep_last=1", "train.exit_at_step=4"])
+    assert "at step 3 (same layout)" in out.stdout
+
+
+def test_every_checkpoint_corrupt_stops_with_exit_2(tmp_path):
+    run_dir = tmp_path / "run"
+    run_training(run_dir, BASE + ["train.exit_at_step=2"])
+    _flip_largest(run_dir / "checkpoints" / "step_00000002")
+    steps_before = [r["step"] for r in read_metrics(run_dir)]
+    out = run_training(run_dir, BASE, expect_rc=2)
+    assert "checkpoint error: every checkpoint in" in out.stderr
+    assert "step_00000002: " in out.stderr and "sha256 differs" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert [r["step"] for r in read_metrics(run_dir)] == steps_before  # nothing retrained
 
 
 def _wait_for_step(run_dir, step, procs, timeout=240):

@@ -10,6 +10,7 @@ import pytest
 
 from pretrain.checkpoint import store
 from pretrain.checkpoint.store import CheckpointDir, CheckpointError
+from tests.checkpoint.crafted import RunsCode
 
 
 def _staged(ckpt: CheckpointDir, step: int, files: dict[str, bytes], nonce: str = "ab12") -> Path:
@@ -118,15 +119,6 @@ def test_resolve_load_path_forms(tmp_path):
         store.resolve_load_path(tmp_path / "empty")
 
 
-class _RunsCode:
-    """Unpickling this would call os.system: what a crafted `.metadata` could do."""
-
-    def __reduce__(self):
-        import os
-
-        return (os.system, ("touch /tmp/never",))
-
-
 def test_index_pickle_allowlist(tmp_path):
     import pickle
 
@@ -141,6 +133,48 @@ def test_index_pickle_allowlist(tmp_path):
     store.check_index_pickle(good)
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / ".metadata").write_bytes(pickle.dumps({"payload": _RunsCode()}))
+    (bad / ".metadata").write_bytes(pickle.dumps({"payload": RunsCode(f"touch {tmp_path}/x")}))
     with pytest.raises(CheckpointError, match=r"refers to posix.system|refers to os.system"):
         store.check_index_pickle(bad)
+    assert not (tmp_path / "x").exists()
+
+
+def test_index_with_a_bytes_entry_or_another_dcp_class_is_refused(tmp_path):
+    """Exact classes only: a BytesStorageMetadata entry (DCP would torch.load its bytes with
+    weights_only=False) and DCP classes a tensor index never holds are both refused."""
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(
+        Metadata(state_dict_metadata={"model.w": BytesStorageMetadata()})))
+    with pytest.raises(CheckpointError, match=r"BytesStorageMetadata"):
+        store.check_index_pickle(tmp_path)
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(
+        Metadata(state_dict_metadata={}, planner_data=LoadPlan(items=[]))))
+    with pytest.raises(CheckpointError, match=r"refers to torch\.distributed\.checkpoint\.planner\.LoadPlan"):
+        store.check_index_pickle(tmp_path)
+    (tmp_path / ".metadata").write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(CheckpointError, match=r"not a torch\.distributed\.checkpoint index \(list\)"):
+        store.check_index_pickle(tmp_path)
+
+
+def test_retention_counts_only_intact_checkpoints_and_protects(tmp_path):
+    """A corrupt newest checkpoint is neither counted nor deleted; the protected steps (just
+    saved, resumed from) stay whatever keep_last says."""
+    ckpt = CheckpointDir(tmp_path)
+    for step in range(1, 7):
+        _complete(ckpt, step, {"a": bytes([step])})
+    (tmp_path / "step_00000006" / "a").write_bytes(b"?")  # same size, other bytes
+
+    def intact(cand):
+        try:
+            _verify(cand.path)
+            return True
+        except CheckpointError:
+            return False
+
+    deleted = ckpt.apply_retention(1, 0, protect={2, 5}, verified=intact)
+    assert sorted(deleted) == [1, 3, 4]
+    assert [c.step for c in ckpt.candidates()] == [6, 5, 2]

@@ -436,10 +436,17 @@ def test_killed_run_leaves_no_partial_final_file_and_resumes_byte_identical(tmp_
     assert output_files(out) == reference_files
     assert not (out / ".work").exists()
 
-    # Re-running over a finished dataset with other settings removes its now-stale shards.
-    again = run_cli(args[:-4] + ["--shard-samples", 100000, "--no-progress"])
+    # Another dataset into the same OUTPUT: refused, then with --overwrite it replaces the old
+    # one and removes its now-stale shards.
+    other = args[:-4] + ["--shard-samples", 100000, "--no-progress"]
+    refused = run_cli(other)
+    assert refused.returncode == 2 and "holds another dataset (settings.shard_samples=40 there, " \
+        "100000 now); pass --overwrite" in refused.stderr, refused.stderr[-3000:]
+    assert output_files(out) == reference_files
+    again = run_cli(other + ["--overwrite"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "val-000000.tar"]
+    assert not (out / ".next").exists()
 
 
 # ---------------------------------------------------------------- bad input

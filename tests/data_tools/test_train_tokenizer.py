@@ -371,3 +371,21 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path):
     for word in words:
         assert word in lines[0], (word, lines[0])
     assert not (tmp_path / "out").exists()  # nothing written on failure
+
+
+def test_binary_inputs_are_skipped_like_shard_py_skips_them(corpus, tmp_path):
+    """A binary .txt and a binary .jsonl record (shard.py's 'binary' rule): the model and its
+    corpus counts are those of the text alone."""
+    import random
+
+    noise = random.Random(3).randbytes(200_000)
+    (tmp_path / "blob.txt").write_bytes(noise)
+    (tmp_path / "mixed.jsonl").write_text(json.dumps({"text": "\x00" * 500}) + "\n")
+    clean, dirty = tmp_path / "clean", tmp_path / "dirty"
+    run_cli("--input", corpus, "--vocab-size", VOCAB, "--output", clean)
+    out = run_cli("--input", corpus, tmp_path / "blob.txt", tmp_path / "mixed.jsonl",
+                  "--vocab-size", VOCAB, "--output", dirty)
+    assert "2 binary document(s) skipped" in out.stdout
+    assert (tmp_path / "dirty.model").read_bytes() == (tmp_path / "clean.model").read_bytes()
+    card = json.loads((tmp_path / "dirty.json").read_text())
+    assert card["corpus"]["binary_skipped"] == 2
