@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from pretrain.checkpoint.manager import Checkpointer
+    from pretrain.checkpoint.parts import training_parts
     from pretrain.config import load_config, validate
     from pretrain.data.build import open_data
     from pretrain.log import quiet_library_warnings
@@ -84,8 +85,8 @@ def main(argv=None) -> int:
         tsave_s.append(time.perf_counter() - started)
         torch_bytes = target.stat().st_size
 
-        fresh = Checkpointer(cfg, layout, built.zero, built.chunks, built.scheduler, built.loader,
-                             built.trainer.state, data, built.device)
+        fresh = Checkpointer(cfg, layout, built.zero, built.chunks, data, built.device,
+                             training_parts(built.scheduler, built.loader, built.trainer.state))
         started = time.perf_counter()
         loaded = fresh.load_on_start()
         load_s.append(time.perf_counter() - started)

@@ -78,6 +78,7 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
     from megatron.core import parallel_state
 
     from pretrain.checkpoint.manager import Checkpointer
+    from pretrain.checkpoint.parts import training_parts
     from pretrain.hooks import build_hooks
     from pretrain.model.gpt import build_model_chunks
     from pretrain.optim import build_optimizer, build_scheduler
@@ -117,8 +118,8 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
     state = TrainState()
     checkpointer = None
     if p.zero_stage < 3:
-        checkpointer = Checkpointer(cfg, layout, zero, chunks, scheduler, loader, state, data,
-                                    device)
+        checkpointer = Checkpointer(cfg, layout, zero, chunks, data, device,
+                                    training_parts(scheduler, loader, state))
     trainer = Trainer(cfg, layout, zero, chunks, model_proxies, loader, device,
                       hooks=build_hooks(cfg, run_dir), valid_sets=valid_sets,
                       eval_proxies=proxies(zero.engine, chunks, through_engine=False),

@@ -9,8 +9,9 @@ What a checkpoint holds:
   load under any TP/PP/DP and ZeRO stage 0-2;
 - per-rank RNG states as tensors indexed by (PP, TP, DP) rank: restored when the layout is
   unchanged (bit-exact resume), re-seeded from (seed, step, rank) otherwise;
-- train_state.json: step and token counters, the loader position, the LR scheduler, the
-  resolved config, the tokenizer hash, the layout and the model's shape.
+- train_state.json: the registered JSON parts under their names (parts.py: the LR
+  scheduler, the loader position, the step/token counters), the resolved config, the
+  tokenizer hash, the layout and the model's shape.
 
 Nothing is unpickled on load: the tensor files are read by torch.distributed.checkpoint,
 megatron's common.pt (an empty dict here) by torch.load's default weights_only=True, and the
@@ -39,6 +40,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 from pretrain import hf_import
 from pretrain.checkpoint import store, weights
 from pretrain.checkpoint.optimizer_state import OptimizerState
+from pretrain.checkpoint.parts import Stateful
 from pretrain.checkpoint.store import CheckpointDir, CheckpointError
 from pretrain.log import log, warn
 from pretrain.reaper import start_reaper
@@ -133,11 +135,12 @@ class Checkpointer:
     """One per run. `save(step)` on every rank at the same step; `load_on_start()` once,
     after the engine and loaders exist and before the first step."""
 
-    def __init__(self, cfg, layout, zero, chunks, scheduler, loader, train_state, data,
-                 device: torch.device):
+    def __init__(self, cfg, layout, zero, chunks, data, device: torch.device,
+                 parts: dict[str, Stateful]):
+        """`parts`: the JSON parts to save and restore by name (parts.training_parts); the
+        model chunks and the ZeRO engine's optimizer state are sharded tensors."""
         self.cfg, self.layout, self.zero, self.chunks = cfg, layout, zero, chunks
-        self.scheduler, self.loader, self.train_state, self.data = scheduler, loader, train_state, data
-        self.device = device
+        self.data, self.device, self.parts = data, device, parts
         self.dir = CheckpointDir(Path(cfg.run.dir) / "checkpoints")
         self.opt = OptimizerState(zero.engine)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -219,13 +222,10 @@ class Checkpointer:
         return out
 
     def _train_state(self, step: int) -> dict:
-        sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
         return {
-            **self.train_state.state_dict(),  # step, tokens, skipped updates
+            **{name: part.state_dict() for name, part in self.parts.items()},
             "step": step,
             "optimizer_step": self.opt.step_count(),
-            "scheduler": sched,
-            "loader": self.loader.state_dict(),
             "tokenizer": {"sha256": self.data.train[0].tokenizer_sha256,
                           "vocab_size": self.data.vocab_size},
             "model": model_signature(self.cfg, self.layout.padded_vocab_size),
@@ -460,12 +460,15 @@ class Checkpointer:
                 if tensor.data_ptr() != target.data_ptr():  # loaded elsewhere (factories)
                     target.copy_(tensor)
         self.opt.scatter(states, state["optimizer_step"])
-        self._install_scheduler(state["scheduler"])
-        try:
-            self.loader.load_state_dict(state["loader"])
-        except ValueError as err:
-            raise CheckpointError(f"{path}: {err}") from None
-        self.train_state.load_state_dict(state)
+        for name, part in self.parts.items():
+            # Checkpoints written before the parts were named kept the counters at the top.
+            saved = state.get(name, state if name == "counters" else None)
+            if saved is None:
+                raise CheckpointError(f"{path}: {store.TRAIN_STATE} has no {name!r} state")
+            try:
+                part.load_state_dict(saved)
+            except (ValueError, KeyError) as err:
+                raise CheckpointError(f"{path}: {name}: {err}") from None
         engine = self.zero.engine
         engine.global_steps = state["step"]
         engine.global_samples = state["step"] * self.cfg.train.global_batch_size
@@ -502,11 +505,6 @@ class Checkpointer:
                         raise CheckpointError(f"the checkpoint has no value for {key}")
                     if tensors[key].data_ptr() != param.data_ptr():  # not loaded in place
                         param.copy_(tensors[key])
-
-    def _install_scheduler(self, sched: dict) -> None:
-        self.scheduler.load_state_dict({**sched, "lr_lambdas": [None] * len(sched["base_lrs"])})
-        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr
 
     def _install_rng(self, states: dict[str, torch.Tensor]) -> None:
 

@@ -57,6 +57,8 @@ def test_weights_only_starts_a_new_run(tmp_path, source_run):
     assert records[0]["val_loss"] == pytest.approx(source_val, rel=1e-6)
     state = json.loads((run_dir / "checkpoints" / "step_00000001" / "train_state.json").read_text())
     assert state["optimizer_step"] == 1 and state["loader"]["position"] == 8
+    assert state["counters"]["step"] == 1 and state["counters"]["skipped"] == 0
+    assert set(state["scheduler"]) >= {"base_lrs", "last_epoch"} and "lr_lambdas" not in state["scheduler"]
 
 
 def test_resume_prefers_own_checkpoints_over_load_from(tmp_path, source_run):
