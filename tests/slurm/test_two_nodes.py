@@ -67,11 +67,11 @@ def _ray_processes() -> dict[str, list[str]]:
             for node in cluster.NODES}
 
 
-def _assert_no_ray(timeout: float = 20) -> None:
+def _assert_no_ray(after: str, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while any((left := _ray_processes()).values()) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not any(left.values()), f"Ray processes left behind: {left}"
+    assert not any(left.values()), f"Ray processes left behind after {after}: {left}"
 
 
 def test_tp_in_node_dp_across_nodes_requeues_on_both(slurm_two_nodes, tmp_path):
@@ -180,12 +180,15 @@ def test_shard_over_two_nodes(slurm_two_nodes, tmp_path):
         "fails_on_node2": ("--nodes=2", {**env, "OUTPUT": str(tmp_path / "bad2"),
                                          "RAY": str(broken_ray)}),
     }
-    # shard.sh asks for --exclusive: the jobs run one after another.
-    ids = {name: slurm.sbatch("slurm/shard.sh", nodes, "--time=10", env=job_env,
-                              output=tmp_path / f"{name}.out")
-           for name, (nodes, job_env) in jobs.items()}
-    infos = {name: slurm.wait(job, DONE, timeout=300) for name, job in ids.items()}
-    out = {name: (tmp_path / f"{name}.out").read_text() for name in jobs}
+    # One after another (shard.sh asks for --exclusive anyway), so that any Ray process left
+    # on either node is this job's.
+    infos, out = {}, {}
+    for name, (nodes, job_env) in jobs.items():
+        job = slurm.sbatch("slurm/shard.sh", nodes, "--time=10", env=job_env,
+                           output=tmp_path / f"{name}.out")
+        infos[name] = slurm.wait(job, DONE, timeout=300)
+        out[name] = (tmp_path / f"{name}.out").read_text()
+        _assert_no_ray(f"job {name}")
 
     assert infos["two"]["JobState"] == "COMPLETED", out["two"]
     assert "Ray head on node1 (10.77.0.11:" in out["two"]
@@ -199,4 +202,3 @@ def test_shard_over_two_nodes(slurm_two_nodes, tmp_path):
     assert infos["fails_on_node2"]["JobState"] == "FAILED", out["fails_on_node2"]
     assert "a Ray worker on the other nodes exited (status 1) before all 2 nodes joined" \
         in out["fails_on_node2"]
-    _assert_no_ray()
