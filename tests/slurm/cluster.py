@@ -191,6 +191,14 @@ def _node_states(env: dict) -> list[str]:
     return out.stdout.split() if out.returncode == 0 else []
 
 
+def _alive(pid_file: Path) -> bool:
+    try:
+        stat = Path(f"/proc/{int(pid_file.read_text().strip())}/stat").read_text()
+    except (FileNotFoundError, ValueError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def _ready(env: dict, nodes: int) -> bool:
     states = _node_states(env)
     return len(states) == nodes and all(s in ("idle", "mixed", "allocated") for s in states)
@@ -207,7 +215,11 @@ def start(root: Path, nodes: int = 1, timeout: float = 60.0) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     conf = root / "slurm.conf"
     env = dict(os.environ, SLURM_CONF=str(conf))
-    if conf.exists() and _ready(env, nodes):
+    names = list(NODES) if nodes > 1 else [socket.gethostname().split(".")[0]]
+    daemons = [root / "slurmctld.pid", *(root / f"slurmd-{name}.pid" for name in names)]
+    # Reused only when every daemon still runs: the controller reports a dead slurmd as idle
+    # until its next ping.
+    if conf.exists() and all(_alive(p) for p in daemons) and _ready(env, nodes):
         return conf
     stop(root, nodes)  # what an interrupted earlier session left behind
     for stale in ("state", "spool"):
