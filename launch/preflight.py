@@ -104,12 +104,14 @@ def main(argv=None) -> int:
                     f"{args.timeout:.0f} s ({str(err).splitlines()[0][:200]}); check that the "
                     f"name resolves to node 0 on a network every node can reach")
     store.set(f"node/{node}", json.dumps(me))
+    reported = nodes
     if node == 0:
         try:
             store.wait([f"node/{i}" for i in range(nodes)], timedelta(seconds=args.timeout))
         except Exception:  # noqa: BLE001
             seen = [i for i in range(nodes) if store.check([f"node/{i}"])]
             missing = sorted(set(range(nodes)) - set(seen))
+            reported = len(seen)
             store.set("verdict", json.dumps([f"nodes {missing} did not report within "
                                              f"{args.timeout:.0f} s"]))
         else:
@@ -126,11 +128,13 @@ def main(argv=None) -> int:
                         f"{args.expect_gpus}: check --gpus-per-node and CUDA_VISIBLE_DEVICES")
             store.set("verdict", json.dumps(problems))
     verdict = json.loads(store.get("verdict"))
-    # Node 0 leaves last: its store must outlive every other node's read of the verdict.
+    # Node 0 leaves last: its store must outlive every other node's read of the verdict. Only
+    # the nodes that reported read it (one that never reached the store has already failed),
+    # and a node that dies between report and read holds node 0 for --timeout at most.
     store.add("done", 1)
     if node == 0:
-        store.wait(["done"])
-        while int(store.add("done", 0)) < nodes:
+        deadline = time.monotonic() + args.timeout
+        while int(store.add("done", 0)) < reported and time.monotonic() < deadline:
             time.sleep(0.05)
     if verdict:
         return fail("; ".join(verdict)) if node == 0 else 1

@@ -11,7 +11,8 @@
 # INPUT, OUTPUT and the tokenizer must be on storage that every node sees at the same path.
 #
 # Environment: INPUT (files, directories or globs, space-separated), OUTPUT, TOKENIZER,
-# SEQ_LEN (required); SHARD_ARGS (more shard.py flags), PYTHON, RAY_PORT.
+# SEQ_LEN (required); SHARD_ARGS (more shard.py flags), PYTHON, RAY (the `ray` CLI; default
+# beside PYTHON), RAY_PORT.
 #
 #SBATCH --job-name=shard
 #SBATCH --nodes=2
@@ -48,14 +49,25 @@ say() { echo "[$(date '+%F %T')] shard.sh: $*"; }
 # through the home directory); drivers must send it too.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 
+export RAY_TMP ADDRESS  # read by stop_ray_here, also on the other nodes
+
 STEP_PIDS=()
-# shellcheck disable=SC2317  # invoked by the traps below
-stop_ray_here() {  # this job's Ray processes on this node: head (by temp dir) or worker (by address)
-    pkill -TERM -f -- "$RAY_TMP" 2>/dev/null
-    pkill -TERM -f -- "gcs-address=$ADDRESS" 2>/dev/null
-    sleep 2
-    pkill -KILL -f -- "$RAY_TMP" 2>/dev/null
-    pkill -KILL -f -- "gcs-address=$ADDRESS" 2>/dev/null
+# shellcheck disable=SC2317  # invoked by cleanup, here and (through srun) on the other nodes
+stop_ray_here() {  # this job's Ray processes on this node, with their whole process groups
+    # Found by the head's session directory or the workers' GCS address, then killed by
+    # process group: Ray's agents rename themselves (ray::DashboardAgent), ignore SIGTERM
+    # for a while and outlive a killed raylet, so a pattern alone misses them. The values
+    # come from the environment: a pattern in this shell's own command line would match it.
+    local own pids groups="" sig group
+    own=$(ps -o pgid= -p $$ | tr -d ' ')
+    pids=$(pgrep -d, -f -- "$RAY_TMP|gcs-address=$ADDRESS")
+    if [ -n "$pids" ]; then
+        groups=$(ps -o pgid= -p "$pids" | tr -d ' ' | sort -u | grep -vx "$own")
+    fi
+    for sig in TERM KILL; do
+        for group in $groups; do kill -"$sig" -- "-$group" 2>/dev/null; done
+        if [ "$sig" = TERM ] && [ -n "$groups" ]; then sleep 3; fi
+    done
     rm -rf "$RAY_TMP"
 }
 # shellcheck disable=SC2317  # invoked by the traps below
@@ -67,8 +79,7 @@ cleanup() {
     if [ "$NNODES" -gt 1 ]; then  # best effort: a cancelled job may not start new steps
         timeout 60 srun --overlap --nodes=$((NNODES - 1)) --ntasks=$((NNODES - 1)) \
             --ntasks-per-node=1 --exclude="$HEAD" \
-            bash -c "pkill -f -- 'gcs-address=$ADDRESS'; sleep 2; pkill -KILL -f -- 'gcs-address=$ADDRESS'" \
-            >/dev/null 2>&1
+            bash -c "$(declare -f stop_ray_here); stop_ray_here" >/dev/null 2>&1
     fi
     for pid in "${STEP_PIDS[@]}"; do kill "$pid" 2>/dev/null; done
     wait 2>/dev/null
@@ -82,10 +93,12 @@ srun --nodes=1 --ntasks=1 -w "$HEAD" \
     "$RAY" start --head --node-ip-address="$HEAD_IP" --port="$RAY_PORT" --num-cpus="$CPUS" \
     --include-dashboard=false --temp-dir="$RAY_TMP" --block >/dev/null 2>&1 &
 STEP_PIDS+=($!)
+STEP_NAMES=("the Ray head on $HEAD")
 if [ "$NNODES" -gt 1 ]; then
     srun --nodes=$((NNODES - 1)) --ntasks=$((NNODES - 1)) --ntasks-per-node=1 --exclude="$HEAD" \
         "$RAY" start --address="$ADDRESS" --num-cpus="$CPUS" --block >/dev/null 2>&1 &
     STEP_PIDS+=($!)
+    STEP_NAMES+=("a Ray worker on the other nodes")
 fi
 
 # Wait until every node has joined (the head alone first, then the workers).
@@ -98,6 +111,13 @@ print(sum(1 for n in ray.nodes() if n["Alive"]))
 EOF
 )
     if [ "${NODES_UP:-0}" -ge "$NNODES" ]; then break; fi
+    for i in "${!STEP_PIDS[@]}"; do  # a node whose Ray cannot start: fail now, not in minutes
+        if ! kill -0 "${STEP_PIDS[$i]}" 2>/dev/null; then
+            wait "${STEP_PIDS[$i]}"
+            say "${STEP_NAMES[$i]} exited (status $?) before all $NNODES nodes joined"
+            exit 3
+        fi
+    done
     sleep 2
 done
 if [ "${NODES_UP:-0}" -lt "$NNODES" ]; then

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,17 @@ def test_preflight_one_node_passes_and_checks_gpus():
 def test_preflight_unreachable_master_fails_fast():
     out = _preflight({"MASTER_ADDR": "203.0.113.7", "MASTER_PORT": "29999"}, "--timeout", "20")
     assert out.returncode == 1 and "MASTER_ADDR=203.0.113.7" in out.stderr
+
+
+def test_preflight_node0_gives_up_on_a_node_that_never_reports():
+    # Node 0 of two, and node 1 never reaches the store (it cannot route to MASTER_ADDR):
+    # node 0 must fail after --timeout, not wait forever for node 1 to read the verdict.
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "SLURM_NODEID": "0",
+           "SLURM_NNODES": "2"}
+    started = time.monotonic()
+    out = _preflight(env, "--timeout", "3")
+    assert out.returncode == 1 and "nodes [1] did not report within 3 s" in out.stderr, out.stderr
+    assert time.monotonic() - started < 60
 
 
 def test_run_dir_owned_by_another_run(tmp_path):

@@ -1,6 +1,7 @@
-"""A real single-node SLURM cluster for the tests in this directory (tests/slurm/cluster.py).
-Outside CI the tests skip when SLURM is not installed or cannot start; in CI (CI=true, where
-.ci/run installs Debian's packages) they fail instead."""
+"""Real SLURM clusters for the tests in this directory (tests/slurm/cluster.py): one node, and
+two nodes in network namespaces. Outside CI the tests skip when SLURM is not installed or a
+cluster cannot start (no root, namespaces not permitted); in CI (CI=true, where .ci/run
+installs Debian's packages) they fail instead."""
 
 from __future__ import annotations
 
@@ -17,16 +18,22 @@ from tests.slurm import cluster
 
 REPO = Path(__file__).resolve().parents[2]
 ROOT = Path("/tmp/pretrain-test-slurm")
+ROOT_TWO_NODES = Path("/tmp/pretrain-test-slurm2")
+
+
+def _start(root: Path, nodes: int) -> Path:
+    try:
+        return cluster.start(root, nodes)
+    except cluster.ClusterUnavailable as err:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the SLURM tests, but the {nodes}-node cluster did not "
+                        f"start: {err}")
+        pytest.skip(f"no {nodes}-node SLURM cluster here: {err}")
 
 
 @pytest.fixture(scope="session")
 def slurm():
-    try:
-        conf = cluster.start(ROOT)
-    except cluster.ClusterUnavailable as err:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the SLURM tests, but the cluster did not start: {err}")
-        pytest.skip(f"no SLURM cluster here: {err}")
+    conf = _start(ROOT, 1)
     saved = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(conf)
     yield Slurm(conf)
@@ -37,8 +44,21 @@ def slurm():
         os.environ["SLURM_CONF"] = saved
 
 
+@pytest.fixture(scope="session")
+def slurm_two_nodes():
+    """Hosts node1 and node2, each in its own network namespace; stopped and its namespaces
+    removed at the end of the session, failed tests included (and at the next start, if a
+    killed session left them behind)."""
+    conf = _start(ROOT_TWO_NODES, 2)
+    try:
+        yield Slurm(conf)
+    finally:
+        cluster.stop(ROOT_TWO_NODES, 2)
+
+
 class Slurm:
     def __init__(self, conf: Path):
+        self.root = conf.parent
         self.env = clean_env({"SLURM_CONF": str(conf)})
 
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -15,49 +15,24 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.launch_helpers import read_metrics
+from tests.slurm.jobs import CPU_JOB, DONE, job_logs, small_corpus, smoke_env, wait_for_step
 
 pytestmark = pytest.mark.slurm
-
-DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
-CPU_JOB = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
-           "--time=15"]
-
-
-def _smoke_env(run_dir: Path, overrides: str = "", **extra) -> dict:
-    return {"CONFIG": "configs/smoke.yaml", "RUN_DIR": str(run_dir), "OVERRIDES": overrides,
-            "RANK_EXIT_GRACE": "30", "PREFLIGHT_TIMEOUT": "30", **extra}
-
-
-def _wait_for_step(run_dir: Path, step: int, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    path = run_dir / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if path.exists() and any(json.loads(line)["step"] >= step
-                                 for line in path.read_text().splitlines() if line.strip()):
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"{run_dir} did not reach step {step} in {timeout:.0f}s")
-
-
-def _logs(run_dir: Path, job: int, restart: int) -> dict[str, str]:
-    prefix = f"job{job}.restart{restart}."
-    return {p.name[len(prefix):]: p.read_text() for p in (run_dir / "logs").glob(prefix + "*")}
 
 
 def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
     overrides = "train.steps=300 train.log_interval=1"
     plain, preempted = tmp_path / "plain", tmp_path / "preempted"
-    job_a = slurm.sbatch("slurm/pretrain_1b.sh", *CPU_JOB, env=_smoke_env(plain, overrides),
+    job_a = slurm.sbatch("slurm/pretrain_1b.sh", *CPU_JOB, env=smoke_env(plain, overrides),
                          output=tmp_path / "a.out")
-    job_b = slurm.sbatch("slurm/pretrain_1b.sh", *CPU_JOB, env=_smoke_env(preempted, overrides),
+    job_b = slurm.sbatch("slurm/pretrain_1b.sh", *CPU_JOB, env=smoke_env(preempted, overrides),
                          output=tmp_path / "b.out")
-    _wait_for_step(preempted, 5)
+    wait_for_step(preempted, 5)
     slurm.run("scancel", "--batch", "--signal=USR1", str(job_b))
     # The requeued job starts again once its old credential expired (cred_expire, 10 s in
     # the test cluster; SLURM's default is 120 s).
@@ -67,7 +42,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
     assert info_b["JobState"] == "COMPLETED" and info_b["Restarts"] == "1", \
         (tmp_path / "b.out").read_text()
 
-    first, second = _logs(preempted, job_b, 0), _logs(preempted, job_b, 1)
+    first, second = job_logs(preempted, job_b, 0), job_logs(preempted, job_b, 1)
     assert "got SIGUSR1; forwarding to the ranks" in first["driver.log"]
     assert "training exited with status 75" in first["driver.log"]
     assert "checkpointed on a stop signal; requeueing" in first["driver.log"]
@@ -89,13 +64,13 @@ def test_preflight_fails_fast_without_requeue(slurm, tmp_path):
         f"save_config(load_config('configs/smoke.yaml', ['model.hidden_size=128']), '{other}/config.yaml')")],
         cwd=Path(__file__).resolve().parents[2], check=True)
     cases = {
-        "layout": (_smoke_env(tmp_path / "layout", "parallel.tensor_parallel=4"),
+        "layout": (smoke_env(tmp_path / "layout", "parallel.tensor_parallel=4"),
                    "world size 2 is not divisible by tensor_parallel x pipeline_parallel"),
-        "data": (_smoke_env(tmp_path / "data", f"data.train={tmp_path / 'no_such_shards'}"),
+        "data": (smoke_env(tmp_path / "data", f"data.train={tmp_path / 'no_such_shards'}"),
                  "data error:"),
-        "master": (_smoke_env(tmp_path / "master", MASTER_ADDR="203.0.113.7"),
+        "master": (smoke_env(tmp_path / "master", MASTER_ADDR="203.0.113.7"),
                    "MASTER_ADDR=203.0.113.7 (203.0.113.7) is not an address of node 0"),
-        "owner": (_smoke_env(other), "belongs to another run: its config.yaml has model.hidden_size=128"),
+        "owner": (smoke_env(other), "belongs to another run: its config.yaml has model.hidden_size=128"),
     }
     jobs = {name: slurm.sbatch("slurm/pretrain_1b.sh", *CPU_JOB, env=env,
                                output=tmp_path / f"{name}.out")
@@ -112,18 +87,9 @@ def test_preflight_fails_fast_without_requeue(slurm, tmp_path):
 
 
 def test_shard_script_then_training(slurm, tmp_path):
-    repo = Path(__file__).resolve().parents[2]
-    python = str(repo / ".venv" / "bin" / "python")
-    corpus = tmp_path / "corpus.jsonl"
-    subprocess.run([python, "data_tools/export_embedded_corpus.py", "--output", str(corpus)],
-                   cwd=repo, check=True, capture_output=True)
-    lines = corpus.read_text().splitlines()[:40]
-    corpus.write_text("\n".join(lines) + "\n")
-    subprocess.run([python, "data_tools/train_tokenizer.py", "--input", str(corpus),
-                    "--vocab-size", "512", "--output", str(tmp_path / "tok")],
-                   cwd=repo, check=True, capture_output=True)
+    corpus, tokenizer = small_corpus(tmp_path)
     shards = tmp_path / "shards"
-    shard_env = {"INPUT": str(corpus), "OUTPUT": str(shards), "TOKENIZER": str(tmp_path / "tok.model"),
+    shard_env = {"INPUT": str(corpus), "OUTPUT": str(shards), "TOKENIZER": str(tokenizer),
                  "SEQ_LEN": "32", "SHARD_ARGS": "--val-fraction 0.1"}
     job = slurm.sbatch("slurm/shard.sh", "--nodes=1", "--time=10", env=shard_env,
                        output=tmp_path / "shard.out")
@@ -145,7 +111,7 @@ def test_shard_script_then_training(slurm, tmp_path):
     assert leftovers.stdout.strip() == "", "Ray processes left behind"
 
     run_dir = tmp_path / "train"
-    train = slurm.sbatch("slurm/pretrain_1b.sh", *CPU_JOB, env=_smoke_env(
+    train = slurm.sbatch("slurm/pretrain_1b.sh", *CPU_JOB, env=smoke_env(
         run_dir, f"data.train={shards} train.steps=3 train.global_batch_size=4 "
                  f"train.micro_batch_size=2 optim.warmup_steps=1"), output=tmp_path / "train.out")
     info = slurm.wait(train, DONE, timeout=300)
