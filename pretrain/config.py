@@ -100,8 +100,19 @@ class TrainConfig:
 @dataclass
 class OptimConfig:
     lr: float = 3e-4
-    min_lr: float = 3e-5  # floor of the cosine decay
+    min_lr: float = 3e-5  # where the decay ends
     warmup_steps: int = 10
+    # After the linear warmup: cosine or linear decay to min_lr at train.steps, constant lr,
+    # or wsd (warmup-stable-decay: MiniCPM 2024, Hägele et al. 2024): lr until the last
+    # decay_steps (or decay_fraction x train.steps) steps, then decay_shape down to min_lr.
+    schedule: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
+    decay_steps: int = 0  # wsd only; 0: decay_fraction x train.steps
+    decay_fraction: float = 0.2  # wsd only
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt"  # wsd only
+
+    def wsd_decay_length(self, total_steps: int) -> int:
+        """Steps of the WSD decay at the end of the run: decay_steps, else the fraction."""
+        return self.decay_steps or max(1, round(self.decay_fraction * total_steps))
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -426,6 +437,28 @@ def pad_vocab(vocab_size: int, cfg: Config) -> int:
     return multiple * math.ceil(vocab_size / multiple)
 
 
+def _check_schedule(o: OptimConfig, steps: int) -> None:
+    if o.schedule != "wsd":
+        changed = [name for name, value, default in (
+            ("decay_steps", o.decay_steps, 0), ("decay_fraction", o.decay_fraction, 0.2),
+            ("decay_shape", o.decay_shape, "1-sqrt")) if value != default]
+        if changed:
+            raise ConfigError(f"optim.{changed[0]} applies to optim.schedule=wsd only, but the "
+                              f"schedule is {o.schedule}; set optim.schedule=wsd or drop it")
+        return
+    if o.decay_steps < 0:
+        raise ConfigError(f"optim.decay_steps={o.decay_steps} must not be negative "
+                          f"(0: optim.decay_fraction x train.steps)")
+    if not 0.0 < o.decay_fraction <= 1.0:
+        raise ConfigError(f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
+    length = o.wsd_decay_length(steps)
+    if length > steps - o.warmup_steps:
+        raise ConfigError(f"the WSD decay ({length} steps) is longer than the "
+                          f"{steps - o.warmup_steps} steps after warmup (train.steps={steps}, "
+                          f"optim.warmup_steps={o.warmup_steps}); shorten optim.decay_steps or "
+                          f"raise train.steps")
+
+
 def validate(cfg: Config, world_size: int | None = None, vocab_size: int | None = None,
              cuda: bool = False) -> Layout | None:
     """All cross-field checks. Returns the derived Layout when the world size is known."""
@@ -456,6 +489,7 @@ def validate(cfg: Config, world_size: int | None = None, vocab_size: int | None 
     if o.warmup_steps > t.steps:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}; "
                           f"use at most {t.steps}")
+    _check_schedule(o, t.steps)
     if t.exit_at_step > t.steps:
         raise ConfigError(f"train.exit_at_step={t.exit_at_step} is past train.steps={t.steps}; "
                           f"use 0 (run to the end) or a step <= {t.steps}")
