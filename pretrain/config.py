@@ -118,6 +118,9 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # PaLM's auxiliary z-loss weight (1e-4 there): z * log(Z)^2 per token, Z the softmax
+    # normalizer; only the gradients see it, the logged loss is the cross entropy. 0: off.
+    z_loss: float = 0.0
 
 
 @dataclass
@@ -477,6 +480,7 @@ def validate(cfg: Config, world_size: int | None = None, vocab_size: int | None 
             raise ConfigError(f"{name}={value} must be at least 1")
     for name, value in {"optim.lr": o.lr, "optim.min_lr": o.min_lr, "model.init_std": m.init_std,
                         "optim.grad_clip": o.grad_clip, "optim.weight_decay": o.weight_decay,
+                        "optim.z_loss": o.z_loss,
                         "train.exit_at_step": t.exit_at_step, "model.vocab_size": m.vocab_size, "optim.warmup_steps": o.warmup_steps,
                         "model.num_query_groups": m.num_query_groups,
                         "model.ffn_hidden_size": m.ffn_hidden_size}.items():

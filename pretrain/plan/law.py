@@ -122,11 +122,15 @@ def fit_law(params, tokens, losses, source: str = "fitted") -> ScalingLaw:
 
 def bootstrap(params, tokens, losses, samples: int = 200, seed: int = 0,
               level: float = 0.8) -> dict[str, tuple[float, float]]:
-    """Percentile intervals of each constant over fits to runs resampled with replacement."""
+    """Percentile intervals of each constant over `samples` fits to runs resampled with
+    replacement (resamples with fewer than 3 distinct runs are drawn again); NaN when fewer
+    than 2 fits could be made."""
     rng = np.random.default_rng(seed)
     params, tokens, losses = (np.asarray(x, float) for x in (params, tokens, losses))
     fits = []
-    for _ in range(samples):
+    for _ in range(20 * samples):
+        if len(fits) == samples:
+            break
         pick = rng.integers(0, len(losses), len(losses))
         if len(set(zip(params[pick], tokens[pick]))) < 3:
             continue  # too few distinct runs to constrain the law
@@ -135,5 +139,6 @@ def bootstrap(params, tokens, losses, samples: int = 200, seed: int = 0,
     out = {}
     for name in ("E", "A", "B", "alpha", "beta"):
         values = np.array([getattr(f, name) for f in fits])
-        out[name] = (float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)))
+        out[name] = ((float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)))
+                     if len(values) >= 2 else (math.nan, math.nan))
     return out

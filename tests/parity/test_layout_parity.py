@@ -44,10 +44,12 @@ LAYOUTS = {
     "tp2_sequence_parallel": (2, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]),
     "tp2_recompute": (2, ["parallel.tensor_parallel=2", "parallel.recompute=full"]),
     "tp2_dp2_wsd": (4, ["parallel.tensor_parallel=2", "parallel.zero_stage=1", *WSD]),
+    "tp2_z_loss": (2, ["parallel.tensor_parallel=2", "optim.z_loss=0.01"]),
 }
 
-# Variants of the model (untied embeddings) or of the schedule get their own reference.
-REFERENCE_VARIANT = {"pp2_untied": ["model.tie_embeddings=false"], "tp2_dp2_wsd": WSD}
+# Variants of the model (untied embeddings), the schedule or the loss get their own reference.
+REFERENCE_VARIANT = {"pp2_untied": ["model.tie_embeddings=false"], "tp2_dp2_wsd": WSD,
+                     "tp2_z_loss": ["optim.z_loss=0.01"]}
 
 
 @pytest.fixture(scope="module")
