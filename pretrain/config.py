@@ -36,7 +36,7 @@ class ModelConfig:
     num_query_groups: int = 0  # 0: one group per head (multi-head attention)
     ffn_hidden_size: int = 0  # 0: 4h for gelu, 8h/3 rounded up to a multiple of 64 for swiglu
     max_seq_length: int = 128  # positions the embedding (or RoPE cache) covers
-    position_embedding: Literal["rope", "learned"] = "rope"
+    position_embedding: Literal["rope", "learned", "sinusoidal"] = "rope"
     rotary_base: int = 10000
     normalization: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     activation: Literal["swiglu", "gelu"] = "swiglu"
@@ -507,6 +507,9 @@ def validate(cfg: Config, world_size: int | None = None, vocab_size: int | None 
     if m.position_embedding == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
         raise ConfigError(f"RoPE needs an even head dimension, got hidden_size/heads="
                           f"{m.hidden_size // m.num_attention_heads}; change model.num_attention_heads")
+    if m.position_embedding == "sinusoidal" and m.hidden_size % 2:
+        raise ConfigError(f"sinusoidal positions need an even model.hidden_size, got "
+                          f"{m.hidden_size}")
     tp, pp = p.tensor_parallel, p.pipeline_parallel
     if m.num_attention_heads % tp:
         raise ConfigError(f"parallel.tensor_parallel={tp} does not divide model.num_attention_heads="

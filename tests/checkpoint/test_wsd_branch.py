@@ -1,5 +1,5 @@
 """WSD runs through the real training CLI: exact resume across the start of the decay (with
-optim.z_loss on), and a decay branched off a stable-phase checkpoint into a new directory.
+z-loss and sinusoidal positions on), and a decay branched off a stable-phase checkpoint.
 
 Branch: a WSD run of 8 steps with a 2-step decay is stable through step 6; loading its
 step-4 checkpoint into a new directory with train.steps=6 (decay over steps 5-6) must give
@@ -19,9 +19,10 @@ def _series(run_dir):
     return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in read_metrics(run_dir)]
 
 
-def test_wsd_and_z_loss_exact_resume_across_the_decay(tmp_path):
+def test_wsd_z_loss_sinusoidal_exact_resume_across_the_decay(tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
-    z_loss = ["optim.z_loss=0.01"]  # stateless, but its path must stay deterministic too
+    # z-loss and sinusoidal positions hold no state, but their paths must stay bit-exact too
+    z_loss = ["optim.z_loss=0.01", "model.position_embedding=sinusoidal"]
     run_training(full, WSD + z_loss + ["train.steps=6"])
     run_training(split, WSD + z_loss + ["train.steps=6", "train.exit_at_step=4"])
     run_training(split, WSD + z_loss + ["train.steps=6"])

@@ -45,11 +45,15 @@ LAYOUTS = {
     "tp2_recompute": (2, ["parallel.tensor_parallel=2", "parallel.recompute=full"]),
     "tp2_dp2_wsd": (4, ["parallel.tensor_parallel=2", "parallel.zero_stage=1", *WSD]),
     "tp2_z_loss": (2, ["parallel.tensor_parallel=2", "optim.z_loss=0.01"]),
+    "tp2_sp_sinusoidal": (2, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
+                              "model.position_embedding=sinusoidal"]),
 }
 
-# Variants of the model (untied embeddings), the schedule or the loss get their own reference.
+# Variants of the model (untied embeddings, positions), the schedule or the loss get their
+# own one-process reference.
 REFERENCE_VARIANT = {"pp2_untied": ["model.tie_embeddings=false"], "tp2_dp2_wsd": WSD,
-                     "tp2_z_loss": ["optim.z_loss=0.01"]}
+                     "tp2_z_loss": ["optim.z_loss=0.01"],
+                     "tp2_sp_sinusoidal": ["model.position_embedding=sinusoidal"]}
 
 
 @pytest.fixture(scope="module")
