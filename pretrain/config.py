@@ -131,6 +131,9 @@ class DataConfig:
     train: list = field(default_factory=lambda: [{"path": "embedded", "weight": 1.0}])
     # Validation data in the same forms; empty: the `val` split of the training sources.
     valid: list = field(default_factory=list)
+    # Data stages: [{at_step: S, train: BLEND}, ...]; after step S the training blend is
+    # BLEND (e.g. an anneal on a better mix), keeping optimizer, schedule and data position.
+    stages: list[dict] = field(default_factory=list)
     tokenizer: str = ""  # sentencepiece model for decoding samples; "": the manifest's
     num_workers: int = 2  # threads reading and verifying shards ahead of use
     verify_checksums: bool = True  # check each shard's size and sha256 against the manifest
@@ -233,6 +236,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise ConfigError(f"{where}={value!r} must be a string")
     if annotation is list:
         return _coerce_blend(value, where)
+    if annotation == list[dict]:
+        return _coerce_stages(value, where)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}={value!r} must be a mapping of "
@@ -268,6 +273,27 @@ def _coerce_blend(value: Any, where: str) -> list[dict]:
             raise ConfigError(f"{where}: weight {weight!r} of {item['path']!r} must be a "
                               f"positive number")
         out.append({"path": str(item["path"]), "weight": float(weight)})
+    return out
+
+
+def _coerce_stages(value: Any, where: str) -> list[dict]:
+    """[{at_step: S, train: BLEND}, ...] with each blend in any form data.train accepts."""
+    if value in (None, "", []):
+        return []
+    if not isinstance(value, list):
+        value = [value]
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) != {"at_step", "train"}:
+            raise ConfigError(f"{where}[{i}]={item!r} must be a mapping of at_step and train, "
+                              f"e.g. {where}=[{{at_step: 900, train: data/anneal}}]")
+        step = item["at_step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ConfigError(f"{where}[{i}].at_step={step!r} must be a step number >= 1")
+        blend = _coerce_blend(item["train"], f"{where}[{i}].train")
+        if not blend:
+            raise ConfigError(f"{where}[{i}].train is empty; name the blend to switch to")
+        out.append({"at_step": step, "train": blend})
     return out
 
 
@@ -370,7 +396,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 # Settings that define a run: resuming in a run directory with any of them changed would
 # mix two different trainings in one directory (layout, steps, LR and checkpoint settings
 # may change between restarts).
-_RUN_IDENTITY = ("model", "data.train", "train.seed", "train.seq_length")
+_RUN_IDENTITY = ("model", "data.train", "data.stages", "train.seed", "train.seq_length")
 
 
 def check_run_dir(cfg: Config) -> None:
@@ -548,6 +574,13 @@ def validate(cfg: Config, world_size: int | None = None, vocab_size: int | None 
     if not cfg.data.train:
         raise ConfigError("data.train is empty; give a shard directory from data_tools/shard.py "
                           "or 'embedded'")
+    previous = 0
+    for i, stage in enumerate(cfg.data.stages):
+        if stage["at_step"] <= previous or stage["at_step"] >= t.steps:
+            raise ConfigError(f"data.stages[{i}].at_step={stage['at_step']} must be after the "
+                              f"previous stage (step {previous}) and before train.steps="
+                              f"{t.steps}; list stages in increasing order of at_step")
+        previous = stage["at_step"]
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must not be negative")
     if t.max_bad_steps < 1 or t.loss_spike_window < 2 or p.timeout_minutes < 1:

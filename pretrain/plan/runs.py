@@ -61,7 +61,7 @@ def read_run(path: Path) -> LadderRun:
     return LadderRun(path, matmul_parameters(cfg, int(state["tokenizer"]["vocab_size"])),
                      float(last.get("tokens") or records[-1]["tokens"]), float(last["val_loss"]),
                      state["tokenizer"]["sha256"],
-                     json.dumps([cfg.data.train, cfg.data.valid, cfg.train.seq_length]))
+                     json.dumps([cfg.data.train, cfg.data.stages, cfg.data.valid, cfg.train.seq_length]))
 
 
 def read_ladder(paths: list[Path]) -> list[LadderRun]:
@@ -74,7 +74,7 @@ def read_ladder(paths: list[Path]) -> list[LadderRun]:
     for run in runs[1:]:
         if run.tokenizer_sha256 != first.tokenizer_sha256 or run.data != first.data:
             what = "tokenizer" if run.tokenizer_sha256 != first.tokenizer_sha256 else \
-                "data (data.train, data.valid, train.seq_length)"
+                "data (data.train, data.stages, data.valid, train.seq_length)"
             raise PlanError(f"{run.path} and {first.path} differ in {what}: a law fitted over "
                             f"different data means nothing; fit runs of one data set")
     if len({(r.params, r.tokens) for r in runs}) < MIN_RUNS:
