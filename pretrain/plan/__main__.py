@@ -1,5 +1,6 @@
 """`python -m pretrain.plan fit RUN...` fits L(N, D) to a ladder of runs; `... budget` turns
-a compute budget into model size, tokens, shape, layout, time, loss and a ready config."""
+a compute budget into model size, tokens, shape, layout, time, loss and a ready config;
+`... ladder` writes the configs and SLURM arrays of a ladder to fit on your own data."""
 
 from __future__ import annotations
 
@@ -109,6 +110,24 @@ def cmd_budget(args) -> int:
     return 0
 
 
+def cmd_ladder(args) -> int:
+    from pretrain.plan.ladder import ladder_configs, write_ladder
+
+    mains, branches = ladder_configs(args.sizes, args.min_params, args.max_params,
+                                     args.multiples, args.vocab, args.seq_length,
+                                     args.global_batch, args.data, args.output_dir, args.lr)
+    for cfg in mains + branches:
+        m, start = cfg["model"], cfg["checkpoint"]["load_from"]
+        print(f"{cfg['run']['dir']}: {m['num_layers']} layers x {m['hidden_size']}, "
+              f"{cfg['train']['steps']} steps, decay {cfg['optim']['decay_steps']}"
+              + (f", from {Path(start).name}" if start else ""))
+    written = write_ladder(mains, branches, args.output_dir, args.gpus_per_run)
+    print(f"wrote {len(written)} files to {args.output_dir}; submit with bash "
+          f"{args.output_dir / 'submit.sh'}, then: python -m pretrain.plan fit "
+          f"{args.output_dir}/runs/*")
+    return 0
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m pretrain.plan",
                                      description=__doc__.splitlines()[0])
@@ -135,13 +154,26 @@ def parse_args(argv):
     budget.add_argument("--data", default="data/shards", help="data.train of the written config")
     budget.add_argument("--name", default="planned", help="run name (run.dir=runs/NAME)")
     budget.add_argument("--output", type=Path, default=Path("configs/planned.yaml"))
+    ladder = sub.add_parser("ladder", help="configs + SLURM arrays for a ladder of small runs")
+    ladder.add_argument("--data", required=True, help="data.train of every run")
+    ladder.add_argument("--vocab", type=int, required=True, help="the tokenizer's vocabulary")
+    ladder.add_argument("--sizes", type=int, default=5)
+    ladder.add_argument("--min-params", type=float, default=20e6)
+    ladder.add_argument("--max-params", type=float, default=300e6)
+    ladder.add_argument("--multiples", type=float, nargs="+", default=[5.0, 10.0, 20.0, 40.0],
+                        help="tokens per parameter of the decay branches (the largest: main)")
+    ladder.add_argument("--seq-length", type=int, default=2048)
+    ladder.add_argument("--global-batch", type=int, default=64, help="sequences per step")
+    ladder.add_argument("--lr", type=float, default=1e-3)
+    ladder.add_argument("--gpus-per-run", type=int, default=1)
+    ladder.add_argument("--output-dir", type=Path, default=Path("ladder"))
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        return cmd_fit(args) if args.command == "fit" else cmd_budget(args)
+        return {"fit": cmd_fit, "budget": cmd_budget, "ladder": cmd_ladder}[args.command](args)
     except PlanError as err:
         print(f"plan error: {err}", file=sys.stderr)
         return 2
