@@ -8,41 +8,24 @@ import numpy as np
 import pytest
 
 from pretrain.config import ConfigError, validate
-from pretrain.data.loader import BlendedLoader
-from pretrain.data.sources import ShardSource
 from tests.data.shard_writer import write_dataset
+from tests.data.test_stream_loader import GLOBAL, SEQ, _global_ids
 
-SEQ, GLOBAL, SWITCH_STEP = 16, 8, 3
+SWITCH_STEP = 3
 
 
 @pytest.fixture
 def two_sources(tmp_path):
-    return [ShardSource(str(write_dataset(tmp_path / "web", SEQ, [30, 30], salt=0))),
-            ShardSource(str(write_dataset(tmp_path / "anneal", SEQ, [25], salt=1)))]
+    return [write_dataset(tmp_path / "web", SEQ, [30, 30], salt=0),
+            write_dataset(tmp_path / "anneal", SEQ, [25], salt=1)]
 
 
-def _loader(sources, dp_rank=0, dp_size=1):
-    # stage 0: web only; from step 3 on: 1 web : 3 anneal
-    return BlendedLoader(sources, [1.0, 0.0], SEQ, GLOBAL, 2, dp_rank, dp_size, seed=7,
-                         stages=[(SWITCH_STEP * GLOBAL, [1.0, 3.0])])
-
-
-def _salted_ids(micro_batches):
-    """(source salt, key) of each sample: the first token encodes (key + 1000 salt) * 7."""
-    firsts = [int(t) // 7 for mb in micro_batches for t in mb.tokens[:, 0]]
-    return [divmod(f, 1000) for f in firsts]
-
-
-def _global(sources, steps, dp_size, state=None):
-    loaders = [_loader(sources, r, dp_size) for r in range(dp_size)]
-    for loader in loaders:
-        if state is not None:
-            loader.load_state_dict(state)
-    out = []
-    for _ in range(steps):
-        for loader in loaders:
-            out.extend(_salted_ids(loader.next_step()))
-    return out, loaders[0].state_dict()
+def _global(paths, steps, dp_size, state=None):
+    """(source salt, key) of every sample of `steps` global batches, in order. Stage 0: web
+    only; from step 3 on: 1 web : 3 anneal. Ids encode key + 1000 x salt."""
+    ids, state = _global_ids(paths, steps, dp_size, state=state, weights=[1.0, 0.0],
+                             stages=[(SWITCH_STEP * GLOBAL, [1.0, 3.0])])
+    return [divmod(i, 1000) for i in ids], state
 
 
 def test_switch_at_the_step_with_exact_shares(two_sources):
