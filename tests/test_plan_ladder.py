@@ -42,3 +42,9 @@ def test_branches_start_from_kept_stable_checkpoints(tmp_path):
 def test_too_few_sizes_are_refused(tmp_path):
     with pytest.raises(PlanError, match="at least 3 points"):
         ladder_configs(2, 5e5, 5e6, [5, 10], 256, 32, 8, "embedded", tmp_path, 1e-3)
+
+
+def test_sizes_that_share_a_shape_are_refused(tmp_path):
+    # 5e5 and 6e5 both round to the smallest shape: a fit would see one size twice
+    with pytest.raises(PlanError, match="distinct model shapes"):
+        ladder_configs(3, 5e5, 6e5, [5, 10], 256, 32, 8, "embedded", tmp_path, 1e-3)

@@ -31,8 +31,16 @@ def ladder_configs(sizes: int, min_params: float, max_params: float, multiples: 
                         f"{max_params:g}")
     mains, branches = [], []
     multiples = sorted(multiples)
-    for index, target in enumerate(np.geomspace(min_params, max_params, sizes)):
+    shapes = []
+    for target in np.geomspace(min_params, max_params, sizes):
         cfg = model_shape(float(target), vocab, seq_length)
+        if all(matmul_parameters(cfg, vocab) != matmul_parameters(c, vocab) for c in shapes):
+            shapes.append(cfg)
+    if len(shapes) < sizes:
+        raise PlanError(f"only {len(shapes)} distinct model shapes between --min-params "
+                        f"{min_params:g} and --max-params {max_params:g} for {sizes} sizes; "
+                        f"widen the range or lower --sizes")
+    for index, cfg in enumerate(shapes):
         n = matmul_parameters(cfg, vocab)
         steps = [max(5, math.ceil(m * n / (global_batch * seq_length))) for m in multiples]
         # Branch points on multiples of the first one, so the main run saves only those

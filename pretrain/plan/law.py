@@ -112,8 +112,9 @@ def fit_law(params, tokens, losses, source: str = "fitted") -> ScalingLaw:
     log_loss = np.log(np.asarray(losses, float))
     best = None
     for start in _grid_objective(log_n, log_d, log_loss):
+        # alpha, beta >= 0: a loss that grows with size or data is not a scaling law
         result = minimize(_objective, start, args=(log_n, log_d, log_loss), jac=True,
-                          method="L-BFGS-B")
+                          method="L-BFGS-B", bounds=[(None, None)] * 3 + [(0.0, None)] * 2)
         if best is None or result.fun < best.fun:
             best = result
     a, b, e, alpha, beta = best.x
