@@ -37,7 +37,7 @@ class ModelConfig:
     num_query_groups: int = 0  # 0: one group per head (multi-head attention)
     ffn_hidden_size: int = 0  # 0: 4h for gelu, 8h/3 rounded up to a multiple of 64 for swiglu
     max_seq_length: int = 128  # positions the embedding (or RoPE cache) covers
-    position_embedding: Literal["rope", "learned"] = "rope"
+    position_embedding: Literal["rope", "learned", "sinusoidal"] = "rope"
     rotary_base: int = 10000
     normalization: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     activation: Literal["swiglu", "gelu"] = "swiglu"
@@ -101,13 +101,27 @@ class TrainConfig:
 @dataclass
 class OptimConfig:
     lr: float = 3e-4
-    min_lr: float = 3e-5  # floor of the cosine decay
+    min_lr: float = 3e-5  # where the decay ends
     warmup_steps: int = 10
+    # After the linear warmup: cosine or linear decay to min_lr at train.steps, constant lr,
+    # or wsd (warmup-stable-decay: MiniCPM 2024, Hägele et al. 2024): lr until the last
+    # decay_steps (or decay_fraction x train.steps) steps, then decay_shape down to min_lr.
+    schedule: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
+    decay_steps: int = 0  # wsd only; 0: decay_fraction x train.steps
+    decay_fraction: float = 0.2  # wsd only
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt"  # wsd only
+
+    def wsd_decay_length(self, total_steps: int) -> int:
+        """Steps of the WSD decay at the end of the run: decay_steps, else the fraction."""
+        return self.decay_steps or max(1, round(self.decay_fraction * total_steps))
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # PaLM's auxiliary z-loss weight (1e-4 there): z * log(Z)^2 per token, Z the softmax
+    # normalizer; only the gradients see it, the logged loss is the cross entropy. 0: off.
+    z_loss: float = 0.0
 
 
 @dataclass
@@ -118,6 +132,9 @@ class DataConfig:
     train: list = field(default_factory=lambda: [{"path": "embedded", "weight": 1.0}])
     # Validation data in the same forms; empty: the `val` split of the training sources.
     valid: list = field(default_factory=list)
+    # Data stages: [{at_step: S, train: BLEND}, ...]; after step S the training blend is
+    # BLEND (e.g. an anneal on a better mix), keeping optimizer, schedule and data position.
+    stages: list[dict] = field(default_factory=list)
     tokenizer: str = ""  # sentencepiece model for decoding samples; "": the manifest's
     num_workers: int = 2  # threads reading and verifying shards ahead of use
     verify_checksums: bool = True  # check each shard's size and sha256 against the manifest
@@ -225,6 +242,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise ConfigError(f"{where}={value!r} must be a string")
     if annotation is list:
         return _coerce_blend(value, where)
+    if annotation == list[dict]:
+        return _coerce_stages(value, where)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}={value!r} must be a mapping of "
@@ -261,6 +280,27 @@ def _coerce_blend(value: Any, where: str) -> list[dict]:
             raise ConfigError(f"{where}: weight {weight!r} of {item['path']!r} must be a "
                               f"positive finite number")
         out.append({"path": str(item["path"]), "weight": float(weight)})
+    return out
+
+
+def _coerce_stages(value: Any, where: str) -> list[dict]:
+    """[{at_step: S, train: BLEND}, ...] with each blend in any form data.train accepts."""
+    if value in (None, "", []):
+        return []
+    if not isinstance(value, list):
+        value = [value]
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) != {"at_step", "train"}:
+            raise ConfigError(f"{where}[{i}]={item!r} must be a mapping of at_step and train, "
+                              f"e.g. {where}=[{{at_step: 900, train: data/anneal}}]")
+        step = item["at_step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ConfigError(f"{where}[{i}].at_step={step!r} must be a step number >= 1")
+        blend = _coerce_blend(item["train"], f"{where}[{i}].train")
+        if not blend:
+            raise ConfigError(f"{where}[{i}].train is empty; name the blend to switch to")
+        out.append({"at_step": step, "train": blend})
     return out
 
 
@@ -368,7 +408,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 # Settings that define a run: resuming in a run directory with any of them changed would
 # mix two different trainings in one directory (layout, steps, LR and checkpoint settings
 # may change between restarts).
-_RUN_IDENTITY = ("model", "data.train", "train.seed", "train.seq_length")
+_RUN_IDENTITY = ("model", "data.train", "data.stages", "train.seed", "train.seq_length")
 
 
 def check_run_dir(cfg: Config) -> None:
@@ -448,6 +488,28 @@ def pad_vocab(vocab_size: int, cfg: Config) -> int:
     return multiple * math.ceil(vocab_size / multiple)
 
 
+def _check_schedule(o: OptimConfig, steps: int) -> None:
+    if o.schedule != "wsd":
+        changed = [name for name, value, default in (
+            ("decay_steps", o.decay_steps, 0), ("decay_fraction", o.decay_fraction, 0.2),
+            ("decay_shape", o.decay_shape, "1-sqrt")) if value != default]
+        if changed:
+            raise ConfigError(f"optim.{changed[0]} applies to optim.schedule=wsd only, but the "
+                              f"schedule is {o.schedule}; set optim.schedule=wsd or drop it")
+        return
+    if o.decay_steps < 0:
+        raise ConfigError(f"optim.decay_steps={o.decay_steps} must not be negative "
+                          f"(0: optim.decay_fraction x train.steps)")
+    if not 0.0 < o.decay_fraction <= 1.0:
+        raise ConfigError(f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
+    length = o.wsd_decay_length(steps)
+    if length > steps - o.warmup_steps:
+        raise ConfigError(f"the WSD decay ({length} steps) is longer than the "
+                          f"{steps - o.warmup_steps} steps after warmup (train.steps={steps}, "
+                          f"optim.warmup_steps={o.warmup_steps}); shorten optim.decay_steps or "
+                          f"raise train.steps")
+
+
 def validate(cfg: Config, world_size: int | None = None, vocab_size: int | None = None,
              cuda: bool = False) -> Layout | None:
     """All cross-field checks. Returns the derived Layout when the world size is known."""
@@ -466,6 +528,7 @@ def validate(cfg: Config, world_size: int | None = None, vocab_size: int | None 
             raise ConfigError(f"{name}={value} must be at least 1")
     for name, value in {"optim.lr": o.lr, "optim.min_lr": o.min_lr, "model.init_std": m.init_std,
                         "optim.grad_clip": o.grad_clip, "optim.weight_decay": o.weight_decay,
+                        "optim.z_loss": o.z_loss,
                         "train.exit_at_step": t.exit_at_step, "model.vocab_size": m.vocab_size, "optim.warmup_steps": o.warmup_steps,
                         "model.num_query_groups": m.num_query_groups,
                         "model.ffn_hidden_size": m.ffn_hidden_size}.items():
@@ -478,6 +541,7 @@ def validate(cfg: Config, world_size: int | None = None, vocab_size: int | None 
     if o.warmup_steps > t.steps:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}; "
                           f"use at most {t.steps}")
+    _check_schedule(o, t.steps)
     if t.exit_at_step > t.steps:
         raise ConfigError(f"train.exit_at_step={t.exit_at_step} is past train.steps={t.steps}; "
                           f"use 0 (run to the end) or a step <= {t.steps}")
@@ -491,6 +555,9 @@ def validate(cfg: Config, world_size: int | None = None, vocab_size: int | None 
     if m.position_embedding == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
         raise ConfigError(f"RoPE needs an even head dimension, got hidden_size/heads="
                           f"{m.hidden_size // m.num_attention_heads}; change model.num_attention_heads")
+    if m.position_embedding == "sinusoidal" and m.hidden_size % 2:
+        raise ConfigError(f"sinusoidal positions need an even model.hidden_size, got "
+                          f"{m.hidden_size}")
     tp, pp = p.tensor_parallel, p.pipeline_parallel
     if m.num_attention_heads % tp:
         raise ConfigError(f"parallel.tensor_parallel={tp} does not divide model.num_attention_heads="
@@ -529,6 +596,13 @@ def validate(cfg: Config, world_size: int | None = None, vocab_size: int | None 
     if not cfg.data.train:
         raise ConfigError("data.train is empty; give a shard directory from data_tools/shard.py "
                           "or 'embedded'")
+    previous = 0
+    for i, stage in enumerate(cfg.data.stages):
+        if stage["at_step"] <= previous or stage["at_step"] >= t.steps:
+            raise ConfigError(f"data.stages[{i}].at_step={stage['at_step']} must be after the "
+                              f"previous stage (step {previous}) and before train.steps="
+                              f"{t.steps}; list stages in increasing order of at_step")
+        previous = stage["at_step"]
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must not be negative")
     if t.max_bad_steps < 1 or t.loss_spike_window < 2 or p.timeout_minutes < 1:

@@ -114,7 +114,7 @@ class Trainer:
         lr = self.zero.engine.get_lr()[0]
         loss_sum, num_tokens = forward_backward(
             self.model_proxies, micro_batches, self.cfg.train.seq_length,
-            self.layout.micro_batch_size)
+            self.layout.micro_batch_size, z_loss=self.cfg.optim.z_loss)
         allreduce_tied_embedding_grads(self.chunks)
         applied = self.zero.step()
         loss = global_mean_loss(loss_sum, num_tokens, self.device)

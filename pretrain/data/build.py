@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pretrain.config import Config
 from pretrain.data.loader import BlendedLoader
@@ -18,10 +18,11 @@ from pretrain.data.sources import DataError, open_source
 
 @dataclass
 class OpenedData:
-    train: list  # sources
-    train_weights: list[float]
+    train: list  # sources: data.train's, then those only data.stages name
+    train_weights: list[float]  # data.train's blend over `train` (0 for stage-only sources)
     valid: list
     valid_weights: list[float]
+    stages: list = field(default_factory=list)  # (at_step, weights over `train`)
 
     @property
     def vocab_size(self) -> int:
@@ -49,6 +50,7 @@ def open_data(cfg: Config) -> OpenedData:
         valid, valid_weights = _open(cfg.data.valid, "val", seq, verify)
     else:
         valid, valid_weights = _open(cfg.data.train, "val", seq, verify, optional=True)
+    train_weights, stages = _stage_blends(cfg, train, train_weights, seq, verify)
     first = train[0]
     for source in train[1:] + valid:
         if source.tokenizer_sha256 != first.tokenizer_sha256:
@@ -61,7 +63,28 @@ def open_data(cfg: Config) -> OpenedData:
             raise DataError(f"{source.name} holds samples of seq_len={source.seq_len}, shorter "
                             f"than train.seq_length={seq}; re-shard with --seq-len {seq} or lower "
                             f"train.seq_length")
-    return OpenedData(train, train_weights, valid, valid_weights)
+    return OpenedData(train, train_weights, valid, valid_weights, stages)
+
+
+def _stage_blends(cfg: Config, train: list, weights: list[float], seq: int, verify: bool):
+    """Open the sources only data.stages name (appended to `train`) and express every blend
+    as weights over the one list of sources, so the loader keeps one count per source."""
+    paths = [item["path"] for item in cfg.data.train]
+    weights = list(weights)
+    stages = []
+    for stage in cfg.data.stages:
+        stage_weights = [0.0] * len(paths)
+        for item in stage["train"]:
+            if item["path"] not in paths:
+                paths.append(item["path"])
+                train.append(open_source(item["path"], "train", seq, verify))
+                weights.append(0.0)
+                for other in stages:
+                    other[1].append(0.0)
+                stage_weights.append(0.0)
+            stage_weights[paths.index(item["path"])] += item["weight"]
+        stages.append((stage["at_step"], stage_weights))
+    return weights, stages
 
 
 def build_loaders(cfg: Config, data: OpenedData, micro_batch_size: int, dp_rank: int,
@@ -69,9 +92,10 @@ def build_loaders(cfg: Config, data: OpenedData, micro_batch_size: int, dp_rank:
     common = dict(seq_length=cfg.train.seq_length, global_batch_size=cfg.train.global_batch_size,
                   micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                   seed=cfg.train.seed, reset_attention=cfg.data.reset_attention)
+    stages = [(step * cfg.train.global_batch_size, weights) for step, weights in data.stages]
     train = BlendedLoader(data.train, data.train_weights, shuffle=True,
                           num_workers=cfg.data.num_workers,
-                          repeat_first_batch=cfg.data.repeat_first_batch, **common)
+                          repeat_first_batch=cfg.data.repeat_first_batch, stages=stages, **common)
     valid = []
     if data.valid and cfg.train.eval_interval > 0:
         from pretrain.trainer import ValidSet

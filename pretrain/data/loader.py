@@ -4,7 +4,7 @@ The global sample sequence is a pure function of (manifests, weights, seed): pos
 the stream is assigned to a source by a deterministic weighted schedule, and source s's
 k-th sample comes from its epoch e = k // N_s, where shards are visited in a seeded
 permutation and samples within a shard in another (memory: the shards in flight, never
-the dataset). Global batch b is positions [b*B, (b+1)*B); data-parallel rank r takes the
+the dataset). Data stages change the weights from a given position on. Global batch b is positions [b*B, (b+1)*B); data-parallel rank r takes the
 r-th contiguous slice. Nothing depends on the number of ranks or loader workers, so the
 state (samples consumed per source) resumes the exact sequence under any layout.
 """
@@ -127,15 +127,19 @@ class BlendedLoader:
     def __init__(self, sources: list, weights: list[float], seq_length: int, global_batch_size: int,
                  micro_batch_size: int, dp_rank: int, dp_size: int, seed: int, shuffle: bool = True,
                  num_workers: int = 0, reset_attention: bool = False,
-                 repeat_first_batch: bool = False):
+                 repeat_first_batch: bool = False, stages: list = ()):
         if global_batch_size % (micro_batch_size * dp_size):
             raise ValueError("global batch must be a multiple of micro batch x data-parallel size")
         if len(sources) != len(weights) or not sources:
             raise ValueError("need one weight per source")
-        if any(w <= 0 for w in weights):
-            raise ValueError(f"blend weights must be positive, got {weights}")
-        total = float(sum(weights))
-        self.weights = np.array([w / total for w in weights], dtype=np.float64)
+        if any(w < 0 for w in weights) or not sum(weights) > 0:
+            raise ValueError(f"blend weights must be >= 0 with a positive sum, got {weights}")
+        # Data stages: from global position `start` on, the blend is `weights` (zeros for
+        # sources that stage leaves out). The first stage starts at 0.
+        self.stages = [(0, self._normalized(weights))] + [
+            (int(start), self._normalized(stage_weights)) for start, stage_weights in stages]
+        if any(b[0] <= a[0] for a, b in zip(self.stages, self.stages[1:])):
+            raise ValueError(f"stage starts must increase, got {[st for st, _ in self.stages]}")
         self.sources = sources
         self.orders = [SourceOrder(s, seed, shuffle) for s in sources]
         self.seq_length = seq_length
@@ -151,6 +155,17 @@ class BlendedLoader:
         self._caches = [ShardCache(s, num_workers, self._pool) for s in sources]
         self.consumed = np.zeros(len(sources), dtype=np.int64)  # samples drawn per source
         self.position = 0  # global samples consumed
+        # Samples drawn per source since the current stage began: the blend's deficits are
+        # counted within a stage, so each stage has its exact proportions from its start.
+        self.stage_consumed = np.zeros(len(sources), dtype=np.int64)
+
+    @staticmethod
+    def _normalized(weights) -> np.ndarray:
+        total = float(sum(weights))
+        return np.array([w / total for w in weights], dtype=np.float64)
+
+    def _stage_at(self, position: int) -> tuple[int, np.ndarray]:
+        return [stage for stage in self.stages if stage[0] <= position][-1]
 
     # -- the global sequence -------------------------------------------------------------
 
@@ -162,18 +177,24 @@ class BlendedLoader:
         the per-source counts alone.
         """
         counts = self.consumed.copy()
+        in_stage = self.stage_consumed.copy()
         which = np.empty(count, dtype=np.int64)
         index = np.empty(count, dtype=np.int64)
         for i in range(count):
             p = self.position + i
-            s = int(np.argmax(self.weights * (p + 1) - counts))
+            start, weights = self._stage_at(p)
+            if p == start:
+                in_stage[:] = 0
+            # A zero-weight source never wins: the deficits sum to 1 > 0 within a stage.
+            s = int(np.argmax(weights * (p - start + 1) - in_stage))
             which[i], index[i] = s, counts[s]
             counts[s] += 1
-        return which, index
+            in_stage[s] += 1
+        return which, index, in_stage
 
     def sample_ids(self, count: int) -> list[tuple[int, int, int]]:
         """(source, epoch, key) of the next `count` global positions, without consuming."""
-        which, index = self._assign(count)
+        which, index, _ = self._assign(count)
         out = []
         for s, k in zip(which, index):
             epoch, shard, row = self.orders[s].locate(int(k))
@@ -184,7 +205,7 @@ class BlendedLoader:
     # -- one step --------------------------------------------------------------------------
 
     def next_step(self) -> list[MicroBatch]:
-        which, index = self._assign(self.global_batch_size)
+        which, index, in_stage = self._assign(self.global_batch_size)
         per_rank = self.global_batch_size // self.dp_size
         mine = slice(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
         rows, starts = [], []
@@ -195,6 +216,7 @@ class BlendedLoader:
             starts.append(data.doc_starts[row])
         if not self.repeat_first_batch:
             np.add.at(self.consumed, which, 1)
+            self.stage_consumed = in_stage
             self.position += self.global_batch_size
         self._prefetch()
         return self._micro_batches(np.stack(rows), starts)
@@ -230,6 +252,7 @@ class BlendedLoader:
 
     def state_dict(self) -> dict:
         return {"position": int(self.position), "consumed": [int(c) for c in self.consumed],
+                "stage_consumed": [int(c) for c in self.stage_consumed],
                 "sources": [s.digest for s in self.sources], "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
@@ -241,6 +264,9 @@ class BlendedLoader:
                              f"{self.seed}; set train.seed={state['seed']}")
         self.position = int(state["position"])
         self.consumed = np.array(state["consumed"], dtype=np.int64)
+        # Saved before data stages existed: one stage, so its counts are the totals.
+        self.stage_consumed = np.array(state.get("stage_consumed", state["consumed"]),
+                                       dtype=np.int64)
         self._prefetch()
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from pretrain.config import Config
 from pretrain.model import init as model_init
+from pretrain.model.layers import SinusoidalPositionEmbedding
 from pretrain.model.spec import choose_backend, decoder_block_spec
 
 
@@ -85,11 +86,15 @@ def build_model_chunks(cfg: Config, padded_vocab_size: int, params_dtype: torch.
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            # sinusoidal: megatron's learned slot, its table swapped for the fixed one below
             position_embedding_type=("rope" if cfg.model.position_embedding == "rope"
                                      else "learned_absolute"),
             rotary_base=cfg.model.rotary_base,
             vp_stage=stage,
         )
+        if cfg.model.position_embedding == "sinusoidal" and model.pre_process:
+            model.embedding.position_embeddings = SinusoidalPositionEmbedding(
+                cfg.model.hidden_size, params_dtype)
         model_init.initialize(model, cfg, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
                               tp_size=cfg.parallel.tensor_parallel)
         _mark_pipeline_replicated(model)

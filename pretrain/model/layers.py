@@ -3,7 +3,8 @@
 Two modules replace megatron's local defaults: a norm that supports sequence parallelism
 (megatron's torch fallback refuses it) and a core attention that calls torch's
 scaled_dot_product_attention (flash / memory-efficient kernels on GPU, a fused CPU kernel
-otherwise) instead of megatron's unfused softmax(QK^T)V.
+otherwise) instead of megatron's unfused softmax(QK^T)V. A third, the fixed sinusoidal
+position table, stands in for megatron's learned one (it has none).
 """
 
 from __future__ import annotations
@@ -93,3 +94,24 @@ class SDPAttention(MegatronModule):
         s, b = query.shape[0], query.shape[1]
         # [b, n, s, d] -> [s, b, n*d]
         return out_bnsd.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+class SinusoidalPositionEmbedding(torch.nn.Module):
+    """Vaswani et al. (2017) positions: dimension 2i holds sin(pos / 10000^(2i/h)), 2i+1 the
+    cosine. No parameters: it takes the place of the learned table in megatron's embedding
+    (`position_ids [b, s] -> [b, s, h]`, added to the word embedding), computed in fp32 from
+    the positions, so document-reset positions work as they do for RoPE."""
+
+    BASE = 10000.0
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.hidden_size, self.dtype = hidden_size, dtype
+
+    def forward(self, position_ids_bs: torch.Tensor) -> torch.Tensor:
+        half = torch.arange(0, self.hidden_size, 2, dtype=torch.float32,
+                            device=position_ids_bs.device)
+        inverse_frequency = self.BASE ** (-half / self.hidden_size)  # [h/2]
+        angles_bsk = position_ids_bs.float().unsqueeze(-1) * inverse_frequency
+        table_bskt = torch.stack([angles_bsk.sin(), angles_bsk.cos()], dim=-1)  # [b, s, h/2, 2]
+        return table_bskt.flatten(-2).to(self.dtype)

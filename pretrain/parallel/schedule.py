@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from pretrain.data.loader import document_causal_mask
@@ -57,21 +57,49 @@ def proxies(engine, chunks, through_engine: bool) -> list[ChunkProxy]:
     return [ChunkProxy(call, i, chunk) for i, chunk in enumerate(chunks)]
 
 
-def _loss_func(loss_mask: torch.Tensor, per_token_loss_bs: torch.Tensor):
-    """Sum of token losses and token count; megatron divides by both count and micro-batches."""
+def _loss_func(loss_mask: torch.Tensor, z_loss_bs: torch.Tensor | None,
+               per_token_loss_bs: torch.Tensor):
+    """Sum of token losses and token count; megatron divides by both count and micro-batches.
+    The z-loss term joins the loss that is backpropagated, not the one reported."""
     loss_sum = (per_token_loss_bs.float() * loss_mask).sum()
     num_tokens = loss_mask.sum().to(torch.int)
+    report = {"loss_sum": loss_sum.detach().clone(), "num_tokens": num_tokens.detach().clone()}
+    if z_loss_bs is not None:
+        loss_sum = loss_sum + (z_loss_bs * loss_mask).sum()
     # megatron divides the returned loss in place; report copies, not aliases.
-    return loss_sum, num_tokens, {"loss_sum": loss_sum.detach().clone(),
-                                  "num_tokens": num_tokens.detach().clone()}
+    return loss_sum, num_tokens, report
 
 
-def _forward_step(data_iterator, model):
+def log_partition_sb(logits_sbv: torch.Tensor) -> torch.Tensor:
+    """log sum_v exp(logit_v) over the whole vocabulary, split over tensor-parallel ranks.
+    The sum is all-reduced forward and passed through backward (megatron's reduce region),
+    which gives each rank's logits their exact softmax gradient."""
+    logits = logits_sbv.float()
+    top_sb = logits.max(dim=-1).values.detach()
+    torch.distributed.all_reduce(top_sb, op=torch.distributed.ReduceOp.MAX,
+                                 group=parallel_state.get_tensor_model_parallel_group())
+    sum_sb = torch.exp(logits - top_sb.unsqueeze(-1)).sum(dim=-1)
+    return top_sb + torch.log(tensor_parallel.reduce_from_tensor_model_parallel_region(sum_sb))
+
+
+def _forward_step(data_iterator, model, z_loss: float = 0.0):
     micro = next(data_iterator)
     mask = None if micro.segment_ids is None else document_causal_mask(micro.segment_ids)
-    output = model(input_ids=micro.tokens, position_ids=micro.position_ids,
-                   attention_mask=mask, labels=micro.labels)
-    return output, partial(_loss_func, micro.loss_mask)
+    if not (z_loss and model.post_process):
+        output = model(input_ids=micro.tokens, position_ids=micro.position_ids,
+                       attention_mask=mask, labels=micro.labels)
+        return output, partial(_loss_func, micro.loss_mask, None)
+    # PaLM's z-loss (Chowdhery et al. 2022): z * log(Z)^2 per token keeps the softmax
+    # normalizer near 1. It needs the logits, so the cross entropy is taken here, with the
+    # same vocab-parallel function megatron's GPTModel uses.
+    logits_bsv = model(input_ids=micro.tokens, position_ids=micro.position_ids,
+                       attention_mask=mask, labels=None)
+    logits_sbv = logits_bsv.transpose(0, 1)
+    z_loss_bs = z_loss * log_partition_sb(logits_sbv).square().transpose(0, 1)
+    # a copy: megatron's cross entropy subtracts the max from its input in place
+    loss_sb = tensor_parallel.vocab_parallel_cross_entropy(
+        logits_sbv.contiguous(), micro.labels.transpose(0, 1).contiguous())
+    return loss_sb.transpose(0, 1), partial(_loss_func, micro.loss_mask, z_loss_bs)
 
 
 def _data_iterators(micro_batches, num_chunks):
@@ -82,12 +110,14 @@ def _data_iterators(micro_batches, num_chunks):
 
 
 def forward_backward(model_proxies, micro_batches, seq_length: int, micro_batch_size: int,
-                     forward_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     forward_only: bool = False,
+                     z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Run one global batch. Returns (loss_sum, num_tokens) over this rank's micro-batches;
-    both are zero except on the last pipeline stage."""
+    both are zero except on the last pipeline stage. The loss is the cross entropy, without
+    the z-loss term (which only the gradients see)."""
     func = get_forward_backward_func()
     with cpu_device_mode():
-        outputs = func(forward_step_func=_forward_step,
+        outputs = func(forward_step_func=partial(_forward_step, z_loss=z_loss),
                        data_iterator=_data_iterators(micro_batches, len(model_proxies)),
                        model=model_proxies if len(model_proxies) > 1 else model_proxies[0],
                        num_microbatches=len(micro_batches), seq_length=seq_length,

@@ -99,7 +99,7 @@ def test_blend_follows_weights_exactly_and_resumes(tmp_path):
     a = write_dataset(tmp_path / "a", SEQ, [30, 30], salt=0)
     b = write_dataset(tmp_path / "b", SEQ, [25], salt=1)
     loader = _loader([a, b], weights=[3.0, 1.0])
-    which, _ = loader._assign(200)
+    which, *_ = loader._assign(200)
     counts = np.cumsum(np.stack([which == 0, which == 1], axis=1), axis=0)
     expected = np.arange(1, 201)[:, None] * np.array([0.75, 0.25])
     assert np.abs(counts - expected).max() < 1.0  # exact share at every prefix

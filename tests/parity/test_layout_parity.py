@@ -25,6 +25,8 @@ STEPS = 6
 COMMON = [f"train.steps={STEPS}", "optim.warmup_steps=1", "optim.lr=1e-2", "optim.min_lr=5e-3",
           "train.micro_batch_size=2", "train.global_batch_size=8", "optim.grad_clip=1.0"]
 
+WSD = ["optim.schedule=wsd", "optim.decay_steps=3", "optim.decay_shape=1-sqrt"]
+
 LAYOUTS = {
     # name: (ranks, overrides)
     "tp2": (2, ["parallel.tensor_parallel=2"]),
@@ -41,10 +43,17 @@ LAYOUTS = {
     "tp2_pp2": (4, ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"]),
     "tp2_sequence_parallel": (2, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]),
     "tp2_recompute": (2, ["parallel.tensor_parallel=2", "parallel.recompute=full"]),
+    "tp2_dp2_wsd": (4, ["parallel.tensor_parallel=2", "parallel.zero_stage=1", *WSD]),
+    "tp2_z_loss": (2, ["parallel.tensor_parallel=2", "optim.z_loss=0.01"]),
+    "tp2_sp_sinusoidal": (2, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
+                              "model.position_embedding=sinusoidal"]),
 }
 
-# Untied embeddings are a different model: they get their own one-process reference.
-REFERENCE_VARIANT = {"pp2_untied": ["model.tie_embeddings=false"]}
+# Variants of the model (untied embeddings, positions), the schedule or the loss get their
+# own one-process reference.
+REFERENCE_VARIANT = {"pp2_untied": ["model.tie_embeddings=false"], "tp2_dp2_wsd": WSD,
+                     "tp2_z_loss": ["optim.z_loss=0.01"],
+                     "tp2_sp_sinusoidal": ["model.position_embedding=sinusoidal"]}
 
 
 @pytest.fixture(scope="module")
