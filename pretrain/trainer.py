@@ -41,16 +41,6 @@ class TrainState:
         self.skipped = int(state.get("skipped", 0))  # absent in older checkpoints
 
 
-@dataclass
-class ValidSet:
-    """One validation source with its own loader, so each is reported on its own."""
-
-    name: str
-    loader: object  # data.loader.BlendedLoader over this source alone
-    weight: float  # its weight in the blend, for the combined numbers
-    bytes_per_token: float | None  # None: no bits-per-byte (manifest without text_bytes)
-
-
 class Throughput:
     """Model FLOPs utilisation from the analytic FLOPs per token (estimate.flops_per_token)
     and the accelerator's peak (logging.peak_tflops, else from the GPU's name)."""
@@ -88,7 +78,7 @@ class Trainer:
     loader: object
     device: torch.device
     hooks: Hooks = field(default_factory=lambda: Hooks([]))
-    valid_sets: list = field(default_factory=list)  # [ValidSet]; empty: no evaluation
+    valid_sets: list = field(default_factory=list)  # [data.build.ValidSet]; empty: no eval
     eval_proxies: list = None
     checkpointer: object = None  # checkpoint.manager.Checkpointer; None: never save
     stops: object = None  # checkpoint.signals.StopRequests; None: signals keep their defaults

@@ -17,6 +17,16 @@ from pretrain.data.sources import DataError, open_source
 
 
 @dataclass
+class ValidSet:
+    """One validation source with its own loader, so each is reported on its own."""
+
+    name: str
+    loader: BlendedLoader  # over this source alone
+    weight: float  # its weight in the blend, for the combined numbers
+    bytes_per_token: float | None  # None: no bits-per-byte (manifest without text_bytes)
+
+
+@dataclass
 class OpenedData:
     train: list  # sources: data.train's, then those only data.stages name
     train_weights: list[float]  # data.train's blend over `train` (0 for stage-only sources)
@@ -98,8 +108,6 @@ def build_loaders(cfg: Config, data: OpenedData, micro_batch_size: int, dp_rank:
                           repeat_first_batch=cfg.data.repeat_first_batch, stages=stages, **common)
     valid = []
     if data.valid and cfg.train.eval_interval > 0:
-        from pretrain.trainer import ValidSet
-
         # One unshuffled loader per source, so each is reported on its own; the trainer
         # rewinds them before every evaluation, so each one scores the same samples and the
         # curve is comparable across steps and runs.
