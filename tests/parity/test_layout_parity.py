@@ -91,3 +91,25 @@ def test_gradient_accumulation_equals_one_big_batch(references, tmp_path):
     """4 micro-batches of 2 (the reference) vs one micro-batch of 8, one process."""
     run_training(tmp_path, COMMON + ["train.micro_batch_size=8"])
     _assert_same_trajectory("one_big_batch", read_metrics(tmp_path), references(()))
+
+
+@pytest.fixture(scope="module")
+def staged_data(tmp_path_factory):
+    """Two real shard datasets; the blend switches from the first to the second at step 3."""
+    from tests.data.shard_writer import write_dataset
+
+    root = tmp_path_factory.mktemp("stages")
+    web = write_dataset(root / "web", 32, [40], salt=1)
+    anneal = write_dataset(root / "anneal", 32, [40], salt=2)
+    # the writer's manifests declare a 60000-token vocabulary
+    return [f"data.train={web}", f"data.stages=[{{at_step: 3, train: {anneal}}}]",
+            "model.vocab_size=60000"]
+
+
+def test_data_stages_match_one_process(staged_data, tmp_path):
+    """A stage switch under DP=2 (each rank reads its own part of the global batch) gives
+    the one-process run's trajectory: both switch at the same global sample."""
+    reference = tmp_path / "reference"
+    run_training(reference, COMMON + staged_data)
+    run_training(tmp_path / "dp2", COMMON + staged_data + ["parallel.zero_stage=1"], nproc=2)
+    _assert_same_trajectory("dp2_stages", read_metrics(tmp_path / "dp2"), read_metrics(reference))
