@@ -49,6 +49,9 @@ class ModelConfig:
     vocab_size: int = 0  # 0: the tokenizer's; larger reserves rows (must be >= the tokenizer's)
     make_vocab_size_divisible_by: int = 128
     backend: Literal["auto", "te", "local"] = "auto"
+    # Compiled RoPE/norm/SwiGLU/residual/cross-entropy regions (model/fused.py); auto: with
+    # CUDA. Same model and checkpoints either way.
+    compile: Literal["auto", "on", "off"] = "auto"
 
     @property
     def query_groups(self) -> int:
@@ -451,7 +454,7 @@ def check_run_dir(cfg: Config) -> None:
         if key:
             a, b = {key: a.get(key)}, {key: b.get(key)}
         for k in sorted(set(a) | set(b)):
-            if k == "backend" or a.get(k) == b.get(k):  # the backend is an implementation choice
+            if k in ("backend", "compile") or a.get(k) == b.get(k):  # implementation choices
                 continue
             diffs.append(f"{section}.{k}={a.get(k)!r} there, {b.get(k)!r} here")
     if diffs:

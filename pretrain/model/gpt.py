@@ -14,13 +14,16 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from pretrain.config import Config
-from pretrain.model import init as model_init
+from pretrain.model import fused, init as model_init
 from pretrain.model.layers import SinusoidalPositionEmbedding
 from pretrain.model.spec import choose_backend, decoder_block_spec
 
 
 def transformer_config(cfg: Config, params_dtype: torch.dtype) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
+    compiled = fused.wanted(m.compile)
+    if compiled:
+        fused.install()  # before TransformerConfig: megatron checks the RoPE slot there
     recompute = {}
     if p.recompute == "full":
         recompute = {"recompute_granularity": "full", "recompute_method": "uniform",
@@ -52,14 +55,14 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype) -> TransformerCon
         # Parameters are (re)initialized by model/init.py; skip megatron's own draw.
         perform_initialization=False,
         use_cpu_initialization=True,
-        # The fused kernels below are CUDA/apex-only; the SDPA/TE paths fuse what matters.
+        # These need apex or TE-only CUDA kernels; SDPA fuses the softmax.
         gradient_accumulation_fusion=False,
-        bias_dropout_fusion=False,
-        bias_activation_fusion=False,
-        apply_rope_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        cross_entropy_loss_fusion=False,
+        # model.compile: RoPE, SwiGLU, residual adds and cross entropy through compiled
+        # regions (model/fused.py); eager otherwise.
+        **fused.transformer_config_flags(compiled, gated=m.activation == "swiglu", bias=m.bias,
+                                         bf16=params_dtype == torch.bfloat16),
         # Batched isend/irecv carry no tags; over gloo, when both directions between the same
         # two ranks are in flight (interleaved steady state), an activation and a gradient of
         # the same shape can land in each other's buffers. The unbatched path orders the ops

@@ -15,6 +15,8 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
+from pretrain.model import fused
+
 
 class Norm(torch.nn.Module):
     """RMSNorm or LayerNorm over the last dimension, as chosen by `config.normalization`.
@@ -46,9 +48,10 @@ class Norm(torch.nn.Module):
             weight = tensor_parallel.copy_to_tensor_model_parallel_region(weight)
             if bias is not None:
                 bias = tensor_parallel.copy_to_tensor_model_parallel_region(bias)
+        # compiled under model.compile (fused.py), else exactly F.rms_norm / F.layer_norm
         if self.rms:
-            return F.rms_norm(x, (self.hidden_size,), weight, self.eps)
-        return F.layer_norm(x, (self.hidden_size,), weight, bias, self.eps)
+            return fused.rms_norm(x, weight, self.eps)
+        return fused.layer_norm(x, weight, bias, self.eps)
 
 
 class SDPAttention(MegatronModule):
