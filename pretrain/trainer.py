@@ -200,6 +200,7 @@ class Trainer:
 
     def _steps(self, last: int, tokens_per_step: int, watchdog: Watchdog) -> str:
         t = self.cfg.train
+        stalled = None  # seconds the previous step's save kept the loop (reported next step)
         while self.state.step < last:
             started = time.perf_counter()
             out = self.train_step()
@@ -221,6 +222,8 @@ class Trainer:
                      f"update skipped ({self.guard.in_a_row} in a row, the run stops at "
                      f"{t.max_bad_steps})")
             record["skipped_updates"] = self.state.skipped
+            if stalled is not None:
+                record["save_stall_s"], stalled = stalled, None
             spike = self.spikes.score(out["loss"])
             if spike is not None:
                 record["loss_spike_z"] = spike
@@ -241,7 +244,9 @@ class Trainer:
             stopping = self.stops is not None and self.stops.agreed(self.device)
             with watchdog.paused():
                 if self._should_save(last, stopping):
+                    saving = time.perf_counter()
                     self.checkpointer.save(self.state.step)
+                    stalled = time.perf_counter() - saving
                     self.hooks.on_checkpoint_saved(self, self.state.step)
                 elif self.checkpointer is not None:
                     self.checkpointer.poll()

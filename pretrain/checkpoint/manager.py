@@ -41,6 +41,7 @@ from pretrain import hf_import
 from pretrain.checkpoint import store, weights
 from pretrain.checkpoint.optimizer_state import OptimizerState
 from pretrain.checkpoint.parts import Stateful
+from pretrain.checkpoint.staging import HostStaging
 from pretrain.checkpoint.store import CheckpointDir, CheckpointError
 from pretrain.log import log, warn
 from pretrain.reaper import start_reaper
@@ -151,13 +152,16 @@ class Checkpointer:
         self.rejected: list[tuple[Path, str]] = []  # (checkpoint, why) skipped by find()
         _start_results_queue()
         mode = cfg.checkpoint.async_save
-        self.async_queue = None
+        self.async_queue, self.staging = None, None
+        self.last_stall_s: float | None = None  # the last async save's time on the training path
         if mode == "on" or (mode == "auto" and torch.cuda.is_available()):
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
             # A forked writer per save: it sees the tensors as they were at the fork (copies
             # in host memory on GPU), so training may change them right away.
             self.async_queue = AsyncCallsQueue(persistent=False)
+            # The training path copies the state once into reused (pinned) host buffers.
+            self.staging = HostStaging(pin=device.type == "cuda")
             # The writer forks writers of its own; after a SIGKILL of this process they
             # blocked forever on their results queue, holding memory and the job's stdout.
             start_reaper()
@@ -250,25 +254,40 @@ class Checkpointer:
             staging.mkdir(parents=True)
         dist.barrier()
 
-        model_sd = self._model_sharded()
-        sharded = {"model": model_sd,
-                   "optimizer": self._optimizer_sharded(model_sd, self.opt.gather()),
-                   "rng": self._rng_sharded(self._rng_states())}
         # Replicated tensors (every DP rank holds the same weights) are written once, the
         # writing spread evenly over the DP group.
         strategy = FullyParallelSaveStrategyWrapper(
             get_default_save_sharded_strategy(), ps.get_data_parallel_group())
         if self.async_queue is None:
+            model_sd = self._model_sharded()
+            sharded = {"model": model_sd,
+                       "optimizer": self._optimizer_sharded(model_sd, self.opt.gather()),
+                       "rng": self._rng_sharded(self._rng_states())}
             dist_checkpointing.save(sharded, str(staging), sharded_strategy=strategy)
             self._finish(staging, step, train_state, started)
             return self.dir.final(step)
-        self.wait()  # one save in flight at a time
+        self.wait()  # one save in flight at a time (so the host buffers are free again)
+        waited = time.perf_counter()
+        model_sd = self._model_sharded()
+        sharded = {"model": model_sd,
+                   "optimizer": self._optimizer_sharded(
+                       model_sd, self.opt.gather(host=self.staging.copy)),
+                   "rng": self._rng_sharded(self._rng_states())}
+        sharded = self.staging.stage(sharded)
+        self.staging.synchronize()
+        copied = time.perf_counter()
         request = dist_checkpointing.save(sharded, str(staging), sharded_strategy=strategy,
                                           async_sharded_save=True)
         request.add_finalize_fn(lambda: self._finish(staging, step, train_state, started))
         self.async_queue.schedule_async_request(request)
-        log(f"checkpoint: step {step} handed to a background writer after "
-            f"{time.perf_counter() - started:.1f} s; training continues")
+        done = time.perf_counter()
+        # The stall, split so a slow save says where it went (the writer's own time is in
+        # the "saved ... in" line when it is published).
+        self.last_stall_s = done - started
+        log(f"checkpoint: step {step} handed to a background writer after {done - started:.2f} s "
+            f"(previous save {waited - started:.2f} s, copy of "
+            f"{self.staging.nbytes / 2**30:.2f} GiB to host {copied - waited:.2f} s, "
+            f"plan and fork {done - copied:.2f} s); training continues")
         return self.dir.final(step)
 
     def poll(self) -> None:

@@ -92,9 +92,13 @@ class OptimizerState:
         return MOMENTS + ((MASTER,) if self.has_master else ())
 
     # ------------------------------------------------------------------ save
-    def gather(self) -> dict[torch.nn.Parameter, dict[str, torch.Tensor]]:
+    def gather(self, host=None) -> dict[torch.nn.Parameter, dict[str, torch.Tensor]]:
         """Every param's full (TP-local) state, on the CPU, identical on every DP rank.
-        Zeros before the first step (Adam's initial moments)."""
+        Zeros before the first step (Adam's initial moments).
+
+        `host(key, tensor)`: copies each param's state into a reused host buffer
+        (staging.py, async saves); default: one fresh host copy per flat buffer, the
+        param's state being views of it."""
         out: dict = {}
         if self.groups is None:  # ZeRO-0 fp32: torch's optimizer holds per-param state
             for p in self.params():
@@ -119,10 +123,13 @@ class OptimizerState:
                 # One host copy per buffer; the per-parameter tensors below are views of it.
                 # (On CPU with DP=1 this aliases the live state, which is not modified before
                 # the save has read it: synchronously, or in a forked writer's snapshot.)
-                flats[name] = flat.cpu()
+                flats[name] = flat if host is not None else flat.cpu()
             for p, offset in zip(g.params, g.offsets):
                 out[p] = {name: flat[offset:offset + p.numel()].view(p.shape)
                           for name, flat in flats.items()}
+                if host is not None:
+                    out[p] = {name: host(("optimizer", id(p), name), view)
+                              for name, view in out[p].items()}
         return out
 
     def step_count(self) -> int:
