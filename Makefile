@@ -38,7 +38,7 @@ demo: $(STAMP)
 	$(PY) -m pretrain.export_hf $(DEMO)/run --output $(DEMO)/hf
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf runs $(VENV)
