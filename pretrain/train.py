@@ -116,10 +116,8 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
             log(f"validation: {vs.name} has no text_bytes in its manifest (made by an older "
                 f"shard.py): bits-per-byte is omitted; re-shard to report it")
     state = TrainState()
-    checkpointer = None
-    if p.zero_stage < 3:
-        checkpointer = Checkpointer(cfg, layout, zero, chunks, data, device,
-                                    training_parts(scheduler, loader, state))
+    checkpointer = Checkpointer(cfg, layout, zero, chunks, data, device,
+                                training_parts(scheduler, loader, state))
     trainer = Trainer(cfg, layout, zero, chunks, model_proxies, loader, device,
                       hooks=build_hooks(cfg, run_dir), valid_sets=valid_sets,
                       eval_proxies=proxies(zero.engine, chunks, through_engine=False),
