@@ -104,7 +104,8 @@ def test_zero_stage_changes_on_resume(tmp_path, reference):
     run_dir = tmp_path / "run"
     zero1, zero3 = ["parallel.zero_stage=1"], ["parallel.zero_stage=3"]
     run_training(run_dir, BASE + zero1 + ["train.exit_at_step=2"], 2)
-    out = run_training(run_dir, BASE + zero3 + ["train.exit_at_step=4"], 2)
+    # Saves at steps 3 and 4: training after a ZeRO-3 save in the same process is checked too.
+    out = run_training(run_dir, BASE + zero3 + ["train.exit_at_step=4", "checkpoint.interval=1"], 2)
     assert "at step 2 (same layout; ZeRO-1 state into ZeRO-3)" in out.stdout
     out = run_training(run_dir, BASE + zero1, 4)
     assert "at step 4 (resharded from" in out.stdout and "ZeRO-3 state into ZeRO-1" in out.stdout
