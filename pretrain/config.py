@@ -630,10 +630,6 @@ def validate(cfg: Config, world_size: int | None = None, vocab_size: int | None 
     if c.weights_only and not c.load_from:
         raise ConfigError("checkpoint.weights_only=true needs checkpoint.load_from=PATH (the "
                           "checkpoint whose weights start this run)")
-    if p.zero_stage == 3 and (c.interval or c.save_on_stop or c.load_from):
-        raise ConfigError("checkpoints support parallel.zero_stage 0, 1 and 2 (ZeRO-3 also "
-                          "partitions the weights, which the checkpoint format does not map); use "
-                          "zero_stage=2, or checkpoint.interval=0 checkpoint.save_on_stop=false")
     lg = cfg.logging
     if not (math.isfinite(lg.peak_tflops) and lg.peak_tflops >= 0):
         raise ConfigError(f"logging.peak_tflops={lg.peak_tflops} must be a finite number >= 0 "

@@ -26,6 +26,10 @@ class TrainingHalted(RuntimeError):
     """Training cannot usefully continue; one line saying why and what to do (exit 2)."""
 
 
+class PeerStopped(RuntimeError):
+    """Another rank stopped on an error and reported it itself: this one exits 2 quietly."""
+
+
 class NonFiniteGuard:
     """Counts steps whose update was skipped because the loss or the gradient norm was not
     finite; after `limit` in a row the run stops instead of burning its allocation."""

@@ -32,7 +32,7 @@ from pretrain.config import (Config, ConfigError, Layout, check_run_dir, load_co
 from pretrain.data.build import build_loaders, build_tokenizer, open_data
 from pretrain.data.sources import DataError
 from pretrain.estimate import describe
-from pretrain.guards import TrainingHalted
+from pretrain.guards import PeerStopped, TrainingHalted
 from pretrain.model.spec import choose_backend
 from pretrain.parallel import cpu, dist as pdist
 from pretrain.trackers import check_wandb
@@ -116,10 +116,8 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
             log(f"validation: {vs.name} has no text_bytes in its manifest (made by an older "
                 f"shard.py): bits-per-byte is omitted; re-shard to report it")
     state = TrainState()
-    checkpointer = None
-    if p.zero_stage < 3:
-        checkpointer = Checkpointer(cfg, layout, zero, chunks, data, device,
-                                    training_parts(scheduler, loader, state))
+    checkpointer = Checkpointer(cfg, layout, zero, chunks, data, device,
+                                training_parts(scheduler, loader, state))
     trainer = Trainer(cfg, layout, zero, chunks, model_proxies, loader, device,
                       hooks=build_hooks(cfg, run_dir), valid_sets=valid_sets,
                       eval_proxies=proxies(zero.engine, chunks, through_engine=False),
@@ -182,6 +180,8 @@ def main(argv=None) -> int:
     except TrainingHalted as err:
         if env.rank == 0:
             print(f"training error: {err}", file=sys.stderr)
+        return 2
+    except PeerStopped:  # the rank that failed printed why
         return 2
     except DataError as err:  # a shard found corrupt or missing while training: not requeued
         print(f"data error: {err}" + (f" (rank {env.rank})" if env.world_size > 1 else ""),

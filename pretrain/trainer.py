@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 from pretrain.config import Config, Layout
+from pretrain.data.sources import DataError
 from pretrain.estimate import flops_per_token, peak_tflops
-from pretrain.guards import LossSpikes, NonFiniteGuard, Watchdog
+from pretrain.guards import LossSpikes, NonFiniteGuard, PeerStopped, Watchdog
 from pretrain.hooks import Hooks, perplexity
 from pretrain.log import log, warn
 from pretrain.parallel.schedule import (
@@ -98,7 +99,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         waited = time.perf_counter()
-        micro_batches = [self._to_device(mb) for mb in self.loader.next_step()]
+        micro_batches = self._next_micro_batches(self.loader)
         waited = time.perf_counter() - waited
         self._test_faults(micro_batches)
         lr = self.zero.engine.get_lr()[0]
@@ -110,6 +111,25 @@ class Trainer:
         loss = global_mean_loss(loss_sum, num_tokens, self.device)
         return {"loss": loss, "lr": lr, "grad_norm": self.zero.grad_norm(), "data_wait_s": waited,
                 "applied": applied}
+
+    def _next_micro_batches(self, loader) -> list:
+        """This rank's micro-batches of the next step. Whether every rank got its data is
+        agreed (one all-reduced flag) before the step's first collective: a data error on one
+        rank then stops every rank with exit 2, where the others used to fail (gloo) or hang
+        (NCCL) in a collective the failed rank never joined."""
+        error = None
+        try:
+            micro_batches = [self._to_device(mb) for mb in loader.next_step()]
+        except DataError as err:
+            error = err
+        if torch.distributed.get_world_size() > 1:
+            failed = torch.tensor(float(error is not None), device=self.device)
+            torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+            if failed.item() and error is None:
+                raise PeerStopped("another rank stopped on a data error")
+        if error is not None:
+            raise error
+        return micro_batches
 
     def _test_faults(self, micro_batches) -> None:
         step = self.state.step + 1
@@ -131,7 +151,7 @@ class Trainer:
                                 "consumed": [0] * len(loader.sources)})
         total, tokens = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         for _ in range(self.cfg.train.eval_batches):
-            micro_batches = [self._to_device(mb) for mb in loader.next_step()]
+            micro_batches = self._next_micro_batches(loader)
             # Through the chunks directly: no gradients, so no DeepSpeed backward hooks.
             loss_sum, num_tokens = forward_backward(
                 self.eval_proxies, micro_batches, self.cfg.train.seq_length,

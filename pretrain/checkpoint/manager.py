@@ -6,7 +6,8 @@ What a checkpoint holds:
   keyed by global parameter name with TP/PP offsets, so they load under any TP/PP;
 - Adam state (and fp32 master weights when training in bf16) in model space
   (optimizer_state.py): the same sharded tensors, prefixed `optimizer.state.NAME.`, so they
-  load under any TP/PP/DP and ZeRO stage 0-2;
+  load under any TP/PP/DP and ZeRO stage 0-3 (zero3_state.py gathers stage 3's
+  partitioned weights too);
 - per-rank RNG states as tensors indexed by (PP, TP, DP) rank: restored when the layout is
   unchanged (bit-exact resume), re-seeded from (seed, step, rank) otherwise;
 - train_state.json: the registered JSON parts under their names (parts.py: the LR
@@ -38,8 +39,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelSaveStrategyWrapper)
 
 from pretrain import hf_import
-from pretrain.checkpoint import store, weights
-from pretrain.checkpoint.optimizer_state import OptimizerState
+from pretrain.checkpoint import optimizer_state, store, weights
 from pretrain.checkpoint.parts import Stateful
 from pretrain.checkpoint.staging import HostStaging
 from pretrain.checkpoint.store import CheckpointDir, CheckpointError
@@ -143,7 +143,7 @@ class Checkpointer:
         self.cfg, self.layout, self.zero, self.chunks = cfg, layout, zero, chunks
         self.data, self.device, self.parts = data, device, parts
         self.dir = CheckpointDir(Path(cfg.run.dir) / "checkpoints")
-        self.opt = OptimizerState(zero.engine)
+        self.opt = optimizer_state.for_engine(zero.engine)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         # Steps saved or loaded (so verified) by this process: retention counts them as intact
         # without hashing them again (the one resumed from is deleted only once keep_last
@@ -167,25 +167,37 @@ class Checkpointer:
             start_reaper()
 
     # ================================================================== state dicts
-    def _model_sharded(self) -> dict:
-        out = {}
+    def _sharded(self, host=None) -> dict:
+        """Everything a save writes, as sharded tensors. `host`: the staging copy of async
+        saves (optimizer_state.OptimizerState.gather)."""
+        with self.opt.full_weights(gather=True) as full:
+            model_sd, by_param = self._model_sharded(full)
+        return {"model": model_sd,
+                "optimizer": self._optimizer_sharded(by_param, self.opt.gather(host=host)),
+                "rng": self._rng_sharded(self._rng_states())}
+
+    def _model_sharded(self, host: dict) -> tuple[dict, dict]:
+        """The chunks' sharded tensors, and each parameter's entry by id(param). Call inside
+        `self.opt.full_weights()`; its `host` tensors (ZeRO-3: the full weights by id(param))
+        replace the parameters in the entries, so they outlive the context."""
+        out, by_param = {}, {}
         for i, chunk in enumerate(self.chunks):
-            sd = chunk.sharded_state_dict(prefix="model.")
-            # Linear layers' `_extra_state` is None here (TE keeps FP8 scaling metadata there,
-            # unused without FP8); dropping it keeps the checkpoint free of pickles.
-            out[f"chunk{i}"] = {k: v for k, v in sd.items() if not k.endswith("._extra_state")}
-        return out
+            chunk_sd = {}
+            for key, entry in chunk.sharded_state_dict(prefix="model.").items():
+                # Linear layers' `_extra_state` is None here (TE keeps FP8 scaling metadata
+                # there, unused without FP8); dropping it keeps the checkpoint free of pickles.
+                if key.endswith("._extra_state"):
+                    continue
+                data = getattr(entry, "data", None)
+                if isinstance(data, torch.Tensor):
+                    if id(data) in host:
+                        entry = dataclasses.replace(entry, data=host[id(data)])
+                    by_param[id(data)] = entry
+                chunk_sd[key] = entry
+            out[f"chunk{i}"] = chunk_sd
+        return out, by_param
 
-    def _by_param(self, model_sd: dict) -> dict:
-        by_param = {}
-        for chunk_sd in model_sd.values():
-            for entry in chunk_sd.values():
-                if isinstance(getattr(entry, "data", None), torch.Tensor):
-                    by_param[id(entry.data)] = entry
-        return by_param
-
-    def _optimizer_sharded(self, model_sd: dict, states: dict) -> dict:
-        by_param = self._by_param(model_sd)
+    def _optimizer_sharded(self, by_param: dict, states: dict) -> dict:
         out: dict = {}
         for index, param in enumerate(self.opt.params()):
             base = by_param.get(id(param))
@@ -259,21 +271,13 @@ class Checkpointer:
         strategy = FullyParallelSaveStrategyWrapper(
             get_default_save_sharded_strategy(), ps.get_data_parallel_group())
         if self.async_queue is None:
-            model_sd = self._model_sharded()
-            sharded = {"model": model_sd,
-                       "optimizer": self._optimizer_sharded(model_sd, self.opt.gather()),
-                       "rng": self._rng_sharded(self._rng_states())}
+            sharded = self._sharded()
             dist_checkpointing.save(sharded, str(staging), sharded_strategy=strategy)
             self._finish(staging, step, train_state, started)
             return self.dir.final(step)
         self.wait()  # one save in flight at a time (so the host buffers are free again)
         waited = time.perf_counter()
-        model_sd = self._model_sharded()
-        sharded = {"model": model_sd,
-                   "optimizer": self._optimizer_sharded(
-                       model_sd, self.opt.gather(host=self.staging.copy)),
-                   "rng": self._rng_sharded(self._rng_states())}
-        sharded = self.staging.stage(sharded)
+        sharded = self.staging.stage(self._sharded(host=self.staging.copy))
         self.staging.synchronize()
         copied = time.perf_counter()
         request = dist_checkpointing.save(sharded, str(staging), sharded_strategy=strategy,
@@ -456,16 +460,18 @@ class Checkpointer:
 
         started = time.perf_counter()
         same_layout = state["layout"] == _layout_key(self.cfg, self.layout)
-        model_sd = self._model_sharded()
-        sharded = {"model": model_sd}
-        states = None
-        if not weights_only:
-            states = self.opt.empty(with_master=state["master_weights"])
-            sharded["optimizer"] = self._optimizer_sharded(model_sd, states)
-            if same_layout:
-                sharded["rng"] = self._rng_sharded(self._rng_states())
-        loaded = dist_checkpointing.load(sharded, str(path))
-        self._install_model(loaded["model"])
+        # ZeRO-3: the loaded weights go into this rank's slices when the context closes.
+        with self.opt.full_weights(gather=False) as host:
+            model_sd, by_param = self._model_sharded(host)
+            sharded = {"model": model_sd}
+            states = None
+            if not weights_only:
+                states = self.opt.empty(with_master=state["master_weights"])
+                sharded["optimizer"] = self._optimizer_sharded(by_param, states)
+                if same_layout:
+                    sharded["rng"] = self._rng_sharded(self._rng_states())
+            loaded = dist_checkpointing.load(sharded, str(path))
+            self._install_model(loaded["model"])
         if weights_only:
             self.opt.reset_master_from_weights()
             log(f"checkpoint: loaded weights of step {state['step']} from {path} (fresh optimizer, "
@@ -496,6 +502,8 @@ class Checkpointer:
         else:
             self._reseed(state["step"])
         how = "same layout" if same_layout else f"resharded from {state['layout']}"
+        if state.get("zero_stage", self.cfg.parallel.zero_stage) != self.cfg.parallel.zero_stage:
+            how += f"; ZeRO-{state['zero_stage']} state into ZeRO-{self.cfg.parallel.zero_stage}"
         log(f"checkpoint: resumed from {path} at step {state['step']} ({how}) in "
             f"{time.perf_counter() - started:.1f} s")
         return Loaded(path, state["step"], False, not same_layout)
@@ -506,9 +514,10 @@ class Checkpointer:
         started = time.perf_counter()
         state = hf_import.load_state(load_from, self.cfg, self.layout.padded_vocab_size,
                                      self.data.vocab_size)
-        weights.install(self.chunks, state, ps.get_tensor_model_parallel_rank(),
-                        self.layout.tensor_parallel, self.cfg.model.activation == "swiglu",
-                        load_from)
+        with self.opt.full_weights(gather=False):
+            weights.install(self.chunks, state, ps.get_tensor_model_parallel_rank(),
+                            self.layout.tensor_parallel, self.cfg.model.activation == "swiglu",
+                            load_from)
         self.opt.reset_master_from_weights()
         log(f"checkpoint: loaded the weights of {load_from} (fresh optimizer, step 0) in "
             f"{time.perf_counter() - started:.1f} s")

@@ -16,6 +16,7 @@ Cost of the gather: each rank briefly holds the full optimizer state of its TP/P
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,7 @@ class OptimizerState:
         self.groups = _flat_groups(self.opt)
         if self.groups is None and not isinstance(self.opt, torch.optim.Optimizer):
             raise RuntimeError(f"checkpointing does not know DeepSpeed's optimizer "
-                               f"{type(self.opt).__name__} (ZeRO-3?); use parallel.zero_stage 0-2")
+                               f"{type(self.opt).__name__}; use parallel.zero_stage 0-3")
         # The torch optimizer that holds Adam's state: DeepSpeed's wrapped one, or (ZeRO-0
         # fp32) the client optimizer itself.
         self.inner = self.opt.optimizer if self.groups is not None else self.opt
@@ -90,6 +91,12 @@ class OptimizerState:
 
     def names(self) -> tuple[str, ...]:
         return MOMENTS + ((MASTER,) if self.has_master else ())
+
+    @contextlib.contextmanager
+    def full_weights(self, gather: bool):
+        """Stages 0-2 keep every parameter whole in the model: nothing to gather or install
+        (ZeRO-3's counterpart swaps full host tensors in). Yields {id(param): host tensor}."""
+        yield {}
 
     # ------------------------------------------------------------------ save
     def gather(self, host=None) -> dict[torch.nn.Parameter, dict[str, torch.Tensor]]:
@@ -141,8 +148,9 @@ class OptimizerState:
     # ------------------------------------------------------------------ load
     def empty(self, with_master: bool) -> dict[torch.nn.Parameter, dict[str, torch.Tensor]]:
         names = MOMENTS + ((MASTER,) if with_master else ())
-        return {p: {name: torch.empty(p.shape, dtype=torch.float32) for name in names}
-                for p in self.params()}
+        # ZeRO-3 has emptied param.data; ds_shape keeps the parameter's shape.
+        return {p: {name: torch.empty(getattr(p, "ds_shape", p.shape), dtype=torch.float32)
+                    for name in names} for p in self.params()}
 
     def scatter(self, states: dict, step: int) -> None:
         """Install model-space state (from `empty()`, filled by a load): this rank's slice
@@ -186,3 +194,10 @@ class OptimizerState:
         for g in self.groups:
             rank, size = dist.get_rank(g.group), g.partition.numel()
             g.partition.data.copy_(g.flat[rank * size:(rank + 1) * size].float())
+
+
+def for_engine(engine):
+    """The model-space view of `engine`'s optimizer state for its ZeRO stage."""
+    from pretrain.checkpoint.zero3_state import Zero3OptimizerState, is_zero3
+
+    return Zero3OptimizerState(engine) if is_zero3(engine.optimizer) else OptimizerState(engine)

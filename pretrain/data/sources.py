@@ -31,6 +31,7 @@ SHARD_NAME_RE = re.compile(r"^(train|val)-(\d{6})\.tar$")
 READ_ATTEMPTS = 4
 RETRY_BASE_S = 2.0
 RETRY_MAX_S = 30.0
+MISSING = -1  # the size of a shard that is not there (start-up check)
 
 
 class DataError(RuntimeError):
@@ -75,12 +76,25 @@ def _read_url(url: str) -> bytes:
             reason = "no such file"
         except Exception as err:  # noqa: BLE001 - gopen raises plain IOErrors for pipe: commands
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if attempt < attempts:
-            delay = min(RETRY_BASE_S * 2 ** (attempt - 1), RETRY_MAX_S)
-            print(f"warning: data: reading {url} failed ({reason[:200]}); attempt {attempt + 1} "
-                  f"of {attempts} in {delay:g} s", file=sys.stderr, flush=True)
-            time.sleep(delay)
+        wait_before_retry(url, "reading", attempt, attempts, reason)
     raise DataError(f"{url}: cannot read after {attempts} attempt(s) ({reason[:300]})")
+
+
+def wait_before_retry(url: str, verb: str, attempt: int, attempts: int, reason: str) -> None:
+    """After failed attempt `attempt` at a remote object: log it and wait with exponential
+    backoff, unless it was the last."""
+    if attempt < attempts:
+        delay = min(RETRY_BASE_S * 2 ** (attempt - 1), RETRY_MAX_S)
+        print(f"warning: data: {verb} {url} failed ({reason[:200]}); attempt {attempt + 1} "
+              f"of {attempts} in {delay:g} s", file=sys.stderr, flush=True)
+        time.sleep(delay)
+
+
+def _local_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return MISSING
 
 
 class ShardSource:
@@ -155,8 +169,11 @@ class ShardSource:
 
     def _check_shards(self) -> None:
         """Names in the format shard.py writes (a name reaches paths and shell commands) and,
-        for a local directory, every shard present with its recorded size: a missing shard
-        fails at start-up, not when the loader reaches it hours later."""
+        for a local directory or an http(s) URL, every shard present with its recorded size:
+        a missing shard fails at start-up, not when the loader reaches it hours later. A
+        `pipe:` command cannot be checked without running it: its shards are found when read."""
+        from pretrain.data import url_check
+
         for i, meta in enumerate(self.shards):
             name = meta.get("name") if isinstance(meta, dict) else None
             if not isinstance(name, str) or not SHARD_NAME_RE.match(name) \
@@ -164,16 +181,19 @@ class ShardSource:
                 raise DataError(f"{self.manifest_url}: splits.{self.split}.shards[{i}].name={name!r} "
                                 f"is not a {self.split}-NNNNNN.tar shard name; the manifest is "
                                 f"damaged or not from shard.py, {RESHARD_HINT}")
-        if not _is_local(self.path):
+        urls = [_url_for(self.path, meta["name"]) for meta in self.shards]
+        if _is_local(self.path):
+            sizes = [_local_size(url) for url in urls]
+        elif url_check.is_http(urls[0]):
+            sizes = url_check.shard_sizes(urls)  # None where the server gives no size
+        else:
             return
         missing, wrong = [], []
-        for meta in self.shards:
-            try:
-                size = os.stat(_url_for(self.path, meta["name"])).st_size
-            except OSError:
+        for meta, size in zip(self.shards, sizes):
+            if size == MISSING:
                 missing.append(meta["name"])
                 continue
-            if self.verify and size != int(meta["bytes"]):
+            if self.verify and size is not None and size != int(meta["bytes"]):
                 wrong.append(f"{meta['name']} ({size} bytes, manifest says {meta['bytes']})")
         if missing:
             raise DataError(f"{self.path}: {len(missing)} of {len(self.shards)} {self.split} shards "

@@ -41,15 +41,17 @@ def test_load_from_continues_in_a_new_directory(tmp_path, source_run):
     assert got == want
 
 
-def test_weights_only_starts_a_new_run(tmp_path, source_run):
+@pytest.mark.parametrize("nproc, layout", [(1, []), (2, ["parallel.zero_stage=3"])],
+                         ids=["one_process", "dp2_zero3"])
+def test_weights_only_starts_a_new_run(tmp_path, source_run, nproc, layout):
     """Weights-only: step 0, fresh optimizer and data position, the source's weights. With a
     vanishing LR the first step leaves the weights as loaded, so the validation loss after
-    it equals the source's final one."""
+    it equals the source's final one (also with the weights cut into ZeRO-3's slices)."""
     run_dir = tmp_path / "finetune"
-    out = run_training(run_dir, BASE + [
+    out = run_training(run_dir, BASE + layout + [
         "train.exit_at_step=1", "train.eval_interval=1", "train.eval_batches=2",
         "optim.lr=1e-30", "optim.min_lr=0", "optim.warmup_steps=0",
-        f"checkpoint.load_from={source_run}", "checkpoint.weights_only=true"])
+        f"checkpoint.load_from={source_run}", "checkpoint.weights_only=true"], nproc)
     assert "loaded weights of step 4" in out.stdout and "fresh optimizer, step 0" in out.stdout
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1]

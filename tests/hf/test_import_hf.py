@@ -1,5 +1,5 @@
 """checkpoint.load_from=hf:DIR: a random LlamaForCausalLM made here by transformers (no
-network) starts a run under TP2 and under PP2 whose first-step loss equals the HF model's
+network) starts a run under TP2, PP2 and ZeRO-3 whose first-step loss equals the HF model's
 loss on the same global batch; a model that does not fit the config is refused in one line."""
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ def hf_first_batch_loss(model, overrides: list[str]) -> float:
 
 @pytest.mark.parametrize("layout, tie", [(["parallel.tensor_parallel=2"], True),
                                          (["parallel.pipeline_parallel=2",
-                                           "model.tie_embeddings=false"], False)])
+                                           "model.tie_embeddings=false"], False),
+                                         # installed into ZeRO-3's per-rank slices
+                                         (["parallel.zero_stage=3"], True)])
 def test_first_step_loss_equals_hf(layout, tie, tmp_path):
     model = make_llama(tmp_path / "hf", tie=tie, seed=5)
     overrides = BASE + layout
