@@ -50,6 +50,9 @@ def test_optimizer_offload_keeps_our_torch_adamw():
     assert "zero_force_ds_cpu_optimizer" not in _merged()
     message = _error(_merged, OFFLOAD, "parallel.deepspeed.zero_force_ds_cpu_optimizer=true")
     assert "needs DeepSpeedCPUAdam" in message
+    # stage 0 has nothing to offload; DeepSpeed would silently ignore the key
+    assert "offload_optimizer needs parallel.zero_stage 1 or 2" in _error(
+        _merged, OFFLOAD, "parallel.zero_stage=0")
 
 
 @pytest.mark.parametrize("given, ours", [

@@ -40,8 +40,8 @@ OWNED = {
 _OFFLOAD_DEVICES = ("cpu", "nvme")
 
 
-def refuse_owned(user: dict) -> None:
-    """One ConfigError for the first key of `user` our contract owns."""
+def refuse_owned(user: dict, zero_stage: int) -> None:
+    """One ConfigError for the first key of `user` our contract owns, or that cannot apply."""
     zero = user.get("zero_optimization")
     for dotted, why in OWNED.items():
         head, _, leaf = dotted.partition(".")
@@ -51,6 +51,10 @@ def refuse_owned(user: dict) -> None:
     if zero is not None and not isinstance(zero, dict):
         raise ConfigError(f"parallel.deepspeed.zero_optimization={zero!r} must be a mapping, "
                           f"e.g. {{overlap_comm: true}}")
+    if zero_stage == 0 and _offloads_optimizer(user):
+        raise ConfigError("parallel.deepspeed.zero_optimization.offload_optimizer needs "
+                          "parallel.zero_stage 1 or 2 (stage 0 has no optimizer partition to "
+                          "offload and DeepSpeed would ignore it); raise parallel.zero_stage")
     if user.get("zero_force_ds_cpu_optimizer") is True and _offloads_optimizer(user):
         raise ConfigError("parallel.deepspeed.zero_force_ds_cpu_optimizer=true needs "
                           "DeepSpeedCPUAdam, which is a JIT-compiled op this project does not "

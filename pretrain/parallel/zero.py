@@ -51,7 +51,7 @@ def deepspeed_config(zero_stage: int, micro_batch_size: int, grad_clip: float, b
     """Our DeepSpeed config, with the user's `parallel.deepspeed` keys merged over it (keys
     the contract above owns are refused: parallel/deepspeed_user.py)."""
     if user:
-        deepspeed_user.refuse_owned(user)
+        deepspeed_user.refuse_owned(user, zero_stage)
     zero = {"stage": zero_stage}
     if zero_stage >= 1:
         # Deterministic reductions: no overlapped bucketing races, contiguous gradient buffers.
