@@ -8,6 +8,7 @@ next to it; keys given in the run config's model section or on the command line 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import types
@@ -294,8 +295,6 @@ def _coerce_mapping(value: Any, where: str) -> dict:
     if value in (None, ""):
         return {}
     if isinstance(value, str):
-        import json
-
         def no_duplicates(pairs):
             keys = [k for k, _ in pairs]
             dup = next((k for k in keys if keys.count(k) > 1), None)
