@@ -8,6 +8,7 @@ next to it; keys given in the run config's model section or on the command line 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import types
@@ -76,6 +77,10 @@ class ParallelConfig:
     recompute: Literal["none", "full"] = "none"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     timeout_minutes: int = 30  # a collective waiting longer than this fails the run
+    # DeepSpeed config keys deep-merged over ours (parallel/zero.py): a mapping, or a path to
+    # a JSON file; e.g. {zero_optimization: {offload_optimizer: {device: cpu}}}. Keys the
+    # batch/precision/optimizer contract owns are refused (parallel/deepspeed_user.py).
+    deepspeed: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -245,6 +250,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise ConfigError(f"{where}={value!r} must be a string")
     if annotation is list:
         return _coerce_blend(value, where)
+    if annotation is dict:
+        return _coerce_mapping(value, where)
     if annotation == list[dict]:
         return _coerce_stages(value, where)
     if dataclasses.is_dataclass(annotation):
@@ -286,6 +293,41 @@ def _coerce_blend(value: Any, where: str) -> list[dict]:
     return out
 
 
+def _coerce_mapping(value: Any, where: str) -> dict:
+    """A free-form mapping (the DeepSpeed passthrough), or a path to a JSON file holding one."""
+    if value in (None, ""):
+        return {}
+    if isinstance(value, str):
+        def no_duplicates(pairs):
+            keys = [k for k, _ in pairs]
+            dup = next((k for k in keys if keys.count(k) > 1), None)
+            if dup is not None:
+                raise ConfigError(f"{where}={value}: key {dup!r} appears twice; keep one")
+            return dict(pairs)
+
+        path = Path(value)
+        if not path.is_file():
+            raise ConfigError(f"{where}={value!r} is neither a mapping nor an existing JSON "
+                              f"file; give {{key: value, ...}} or the path of a DeepSpeed JSON")
+        try:
+            value = json.loads(path.read_text(), object_pairs_hook=no_duplicates)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{where}={path}: not a readable JSON file ({err})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}={value!r} must be a mapping (or a JSON file path)")
+    return value
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, recursing into mappings both have; neither input is modified."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = deep_merge(out[key], value)
+        out[key] = value
+    return out
+
+
 def _coerce_stages(value: Any, where: str) -> list[dict]:
     """[{at_step: S, train: BLEND}, ...] with each blend in any form data.train accepts."""
     if value in (None, "", []):
@@ -318,10 +360,19 @@ def _apply(section_obj: Any, key: str, value: Any, where: str) -> None:
         # A dotted key into a nested section (logging.wandb.mode=offline) sets one field.
         _apply(getattr(section_obj, head), rest, value, where)
         return
+    if dot and hints.get(head) is dict:
+        # A dotted key into a mapping (parallel.deepspeed.zero_optimization.overlap_comm=true)
+        # sets one leaf, creating the levels above it.
+        for part in reversed(rest.split(".")):
+            value = {part: value}
+        key = head
     if key not in hints:
         known = ", ".join(sorted(hints))
         raise ConfigError(f"unknown key {where!r}; known keys of this section: {known}")
-    setattr(section_obj, key, _coerce(value, hints[key], where))
+    value = _coerce(value, hints[key], where)
+    if hints[key] is dict:  # later sources merge into a mapping rather than replace it
+        value = deep_merge(getattr(section_obj, key), value)
+    setattr(section_obj, key, value)
 
 
 def _merge_dict(cfg: Config, data: dict, source: str) -> None:
@@ -385,12 +436,31 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         if section not in sections:
             raise ConfigError(f"override {item!r}: unknown section {section!r}; "
                               f"known sections: {', '.join(sorted(sections))}")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        _apply(getattr(cfg, section), key, value, dotted)
+        _apply(getattr(cfg, section), key, _parse_override(raw), dotted)
     return cfg
+
+
+def _parse_override(raw: str) -> Any:
+    """A command-line value as YAML (numbers, booleans, lists, mappings), else the text."""
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def coerce_override(dotted: str, value: Any, where: str) -> Any:
+    """The value `section.key=value` would set, checked as an override would be; errors name
+    `where` (e.g. the command-line flag that stands for the key)."""
+    if isinstance(value, str):
+        value = _parse_override(value)
+    section, _, key = dotted.partition(".")
+    if section not in _section_types(Config):
+        raise ConfigError(f"{where}: unknown section {section!r}")
+    target = getattr(Config(), section)
+    _apply(target, key, value, where)
+    for part in key.split("."):
+        target = target[part] if isinstance(target, dict) else getattr(target, part)
+    return target
 
 
 def _model_preset(config_dir: Path, name: str) -> dict:

@@ -14,6 +14,7 @@ watchdog's budget; anything else is a crash.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from pretrain.log import is_rank0, log, quiet_library_warnings
 # Before the megatron imports below: they announce optional kernels that are missing here.
 quiet_library_warnings()
 
+from pretrain import megatron_flags
 from pretrain.checkpoint.signals import EXIT_REQUEUE, StopRequests
 from pretrain.checkpoint.store import CheckpointError
 from pretrain.config import (Config, ConfigError, Layout, check_run_dir, load_config, save_config,
@@ -34,11 +36,15 @@ from pretrain.data.sources import DataError
 from pretrain.estimate import describe
 from pretrain.guards import PeerStopped, TrainingHalted
 from pretrain.model.spec import choose_backend
-from pretrain.parallel import cpu, dist as pdist
+from pretrain.parallel import cpu, deepspeed_user, dist as pdist
 from pretrain.trackers import check_wandb
 
 
 def parse_args(argv=None):
+    """Our arguments, with Megatron-LM's flag spellings turned into overrides first
+    (megatron_flags.py; ConfigError on a flag that does not map or disagrees)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    argv, from_flags = megatron_flags.translate(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="run config, e.g. configs/smoke.yaml")
     parser.add_argument("--dry-run", action="store_true",
@@ -46,9 +52,16 @@ def parse_args(argv=None):
                              "estimate, then exit")
     parser.add_argument("--world-size", type=int, default=None,
                         help="with --dry-run: plan for this many ranks instead of the launcher's")
+    # The deepspeed launcher appends --local_rank=N (it also exports LOCAL_RANK).
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="this process's rank on its node (set by the deepspeed launcher)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides "
-                        "(model.preset=NAME swaps in configs/model/NAME.yaml)")
-    return parser.parse_intermixed_args(argv)
+                        "(model.preset=NAME swaps in configs/model/NAME.yaml); Megatron-LM "
+                        "flags such as --num-layers 24 are accepted (docs/megatron-flags.md)")
+    args = parser.parse_intermixed_args(argv)
+    megatron_flags.check_agreement(from_flags, args.overrides)
+    args.overrides = [item for _, item in from_flags] + args.overrides
+    return args
 
 
 @dataclass
@@ -100,7 +113,9 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     zero = build_engine(model, optimizer, scheduler, deepspeed_config(
-        p.zero_stage, layout.micro_batch_size, cfg.optim.grad_clip, bf16))
+        p.zero_stage, layout.micro_batch_size, cfg.optim.grad_clip, bf16, p.deepspeed))
+    if p.deepspeed and is_rank0():
+        log(deepspeed_user.describe(zero.engine, p.deepspeed))
     # DeepSpeed runs torch-style backward hooks only for ZeRO optimizers; stage 0 calls the
     # chunks directly and reduces at engine.step().
     model_proxies = proxies(zero.engine, chunks, through_engine=p.zero_stage > 0)
@@ -127,9 +142,16 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
 
 def main(argv=None) -> int:
     quiet_library_warnings()
-    args = parse_args(argv)
-    env = pdist.detect_env()
     has_cuda = torch.cuda.is_available()
+    try:
+        args = parse_args(argv)
+    except ConfigError as err:
+        if pdist.detect_env().rank == 0:
+            print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    env = pdist.detect_env()
     try:
         cfg = load_config(args.config, args.overrides)
         world = args.world_size if (args.dry_run and args.world_size) else env.world_size
@@ -143,6 +165,9 @@ def main(argv=None) -> int:
         tokenizer = build_tokenizer(cfg, data) if (cfg.train.sample_tokens > 0
                                                     or cfg.data.tokenizer) else None
         layout = validate(cfg, world_size=world, vocab_size=data.vocab_size, cuda=planning_cuda)
+        bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto"
+                                                     and planning_cuda)
+        deepspeed_user.check(cfg, layout.data_parallel, bf16)  # before any process group
         check_run_dir(cfg)
         check_wandb(cfg)
     except ConfigError as err:
@@ -153,7 +178,6 @@ def main(argv=None) -> int:
         if env.rank == 0:
             print(f"data error: {err}", file=sys.stderr)
         return 2
-    bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and planning_cuda)
     if args.dry_run:
         import yaml
 

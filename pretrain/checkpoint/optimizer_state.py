@@ -125,6 +125,9 @@ class OptimizerState:
                 if world == 1:
                     flat = local
                 else:
+                    # An offloaded partition lives in host memory, but the DP group (NCCL on
+                    # GPU) communicates on the device of the model's flat buffer.
+                    local = local.to(g.flat.device)
                     flat = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
                     dist.all_gather_into_tensor(flat, local, group=g.group)
                 # One host copy per buffer; the per-parameter tensors below are views of it.
