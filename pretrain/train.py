@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,15 +80,47 @@ class Built:
     trainer: object  # trainer.Trainer (with its hooks, validation sets and checkpointer)
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux; None elsewhere)."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        start_ticks = int(stat[stat.rindex(")") + 2:].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+class StartupClock:
+    """Where start-up time goes, as one log line (the 1b model's start-up is a target)."""
+
+    def __init__(self):
+        self.last, self.parts = time.perf_counter(), []
+        age = process_age_s()
+        if age is not None:
+            self.parts.append(("imports, config and data", age))
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.parts.append((name, now - self.last))
+        self.last = now
+
+    def line(self) -> str:
+        total = sum(seconds for _, seconds in self.parts)
+        return (f"start-up: {total:.1f} s (" +
+                ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.parts) + ")")
+
+
 def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
           stops: StopRequests | None = None) -> Built:
     """Process groups, model chunks, optimizer, ZeRO engine, loaders, checkpointer, hooks and
     the trainer over them. `stops`: the stop-signal recorder the trainer polls (None: none)."""
+    clock = StartupClock()
     cpu.enable()
     pdist.init_process_group(env, cfg.parallel.timeout_minutes)
     p = cfg.parallel
     pdist.init_model_parallel(p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline_chunks,
                               cfg.train.seed)
+    clock.lap("process groups")
     from megatron.core import parallel_state
 
     from pretrain.checkpoint.manager import Checkpointer
@@ -109,6 +142,7 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
     dtype = torch.bfloat16 if bf16 else torch.float32
 
     chunks = build_model_chunks(cfg, layout.padded_vocab_size, dtype, device)
+    clock.lap("model build and init")
     model = ModelChunks(chunks)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
@@ -119,6 +153,7 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
     # DeepSpeed runs torch-style backward hooks only for ZeRO optimizers; stage 0 calls the
     # chunks directly and reduces at engine.step().
     model_proxies = proxies(zero.engine, chunks, through_engine=p.zero_stage > 0)
+    clock.lap("optimizer and ZeRO engine")
 
     loader, valid_sets = build_loaders(cfg, data, layout.micro_batch_size,
                                        parallel_state.get_data_parallel_rank(),
@@ -130,6 +165,7 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
         if vs.bytes_per_token is None:
             log(f"validation: {vs.name} has no text_bytes in its manifest (made by an older "
                 f"shard.py): bits-per-byte is omitted; re-shard to report it")
+    clock.lap("loaders")
     state = TrainState()
     checkpointer = Checkpointer(cfg, layout, zero, chunks, data, device,
                                 training_parts(scheduler, loader, state))
@@ -137,6 +173,8 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
                       hooks=build_hooks(cfg, run_dir), valid_sets=valid_sets,
                       eval_proxies=proxies(zero.engine, chunks, through_engine=False),
                       checkpointer=checkpointer, stops=stops, state=state)
+    clock.lap("checkpointer and hooks")
+    log(clock.line())
     return Built(cfg, layout, data, device, chunks, zero, scheduler, loader, trainer)
 
 

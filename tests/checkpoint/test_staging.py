@@ -46,7 +46,9 @@ def test_async_save_reports_its_stall(tmp_path):
 
     result = run_training(tmp_path, ["train.steps=3", "checkpoint.async_save=on",
                                      "checkpoint.interval=2"])
-    assert "GiB to host" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "GiB to host" in output
+    assert "start-up: " in output and "model build and init" in output  # where start-up goes
     records = {m["step"]: m for m in read_metrics(tmp_path)}
     assert "save_stall_s" in records[3] and "save_stall_s" not in records[2]
     assert 0 < records[3]["save_stall_s"] < 60
