@@ -12,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__" and not __package__:  # run as a file in a checkout:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, as `-m` has it
 
 from pretrain.data.embedded import stdlib_files  # noqa: E402
 

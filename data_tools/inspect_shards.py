@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-_REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+if __name__ == "__main__" and not __package__:  # run as a file in a checkout:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, as `-m` has it
 
 from data_tools.shard_lib import manifest as manifest_lib  # noqa: E402
 

@@ -43,10 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-# Run as `python data_tools/train_tokenizer.py`: sys.path[0] is data_tools/, not the repo root.
-_REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+if __name__ == "__main__" and not __package__:  # run as a file in a checkout:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, as `-m` has it
 
 from data_tools.shard_lib.clean import is_binary, is_binary_file  # noqa: E402
 from data_tools.tokenizer_lib import (CARD_FORMAT, CARD_VERSION, SPECIAL_IDS,  # noqa: E402

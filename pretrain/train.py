@@ -40,7 +40,8 @@ from pretrain.trackers import check_wandb
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="run config, e.g. configs/smoke.yaml")
+    parser.add_argument("--config", required=True,
+                        help="run config: a YAML path or a bundled name (smoke, demo, 1b)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate, print the resolved config, parameter count and memory "
                              "estimate, then exit")
