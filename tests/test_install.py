@@ -9,12 +9,15 @@ torch again); that line adds the directory only, so the checkout's own editable 
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
@@ -25,7 +28,40 @@ SCRIPTS = ("pretrain-train", "pretrain-evaluate", "pretrain-export-hf", "pretrai
            "pretrain-plot", "pretrain-tokenizer", "pretrain-shard", "pretrain-inspect",
            "pretrain-export-corpus")
 
-pytestmark = pytest.mark.install
+
+
+def _distribution_name(requirement: str) -> str:
+    return re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_every_imported_package_is_declared():
+    """Each third-party module the package imports belongs to a dependency of pyproject.toml
+    (required or an extra), so `pip install .` cannot miss one."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {_distribution_name(r) for r in project["dependencies"]}
+    for extra in project["optional-dependencies"].values():
+        declared |= {_distribution_name(r) for r in extra}
+    owners = packages_distributions()
+    own = {"pretrain", "launch", "data_tools"}
+    missing = set()
+    for top in own:
+        for path in (REPO / top).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for root in {name.split(".")[0] for name in names} - own - set(sys.stdlib_module_names):
+                    dists = {d.lower().replace("_", "-") for d in owners.get(root, [root])}
+                    if not dists & declared:
+                        missing.add(f"{root} ({path.relative_to(REPO)})")
+    assert not missing, f"imported but not declared in pyproject.toml: {sorted(missing)}"
+
+
+@pytest.mark.install
 
 
 def _run(cmd: list[str], cwd: Path, env: dict | None = None, expect: int = 0, timeout=300):
@@ -69,6 +105,7 @@ def _env(venv: Path) -> dict:
     return env
 
 
+@pytest.mark.install
 def test_installed_tools_end_to_end(venv, tmp_path):
     env = _env(venv)
     work = tmp_path / "empty"
