@@ -129,6 +129,9 @@ def test_installed_tools_end_to_end(venv, tmp_path):
     metrics = [json.loads(line) for line in Path(work, "run", "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
 
+    for script in ("pretrain-evaluate", "pretrain-export-hf", "pretrain-plan", "pretrain-plot",
+                   "pretrain-export-corpus"):  # the entry points the flow above does not run
+        assert "usage:" in _run([script, "--help"], work, env).stdout
     bad = _run(["pretrain-train", "--config", "nosuch"], work, env, expect=2)
     assert "nosuch" in bad.stderr and "smoke" in bad.stderr and "1b" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
