@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__" and not __package__:  # run as a file in a checkout:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, as `-m` has it
 
 from pretrain.data.embedded import stdlib_files  # noqa: E402
+from pretrain.files import write_atomic  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -25,13 +26,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    temp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     files = stdlib_files(args.max_bytes)
-    with open(temp, "w", encoding="utf-8") as out:
-        for path in files:
-            text = path.read_bytes().decode("utf-8", errors="replace")
-            out.write(json.dumps({"text": text, "source": path.name}) + "\n")
-    os.replace(temp, output)  # never a half-written corpus under the final name
+    lines = [json.dumps({"text": path.read_bytes().decode("utf-8", errors="replace"),
+                         "source": path.name}) + "\n" for path in files]
+    write_atomic(output, "".join(lines))  # never a half-written corpus under the final name
     print(f"wrote {len(files)} documents to {output}")
     return 0
 

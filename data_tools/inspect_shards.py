@@ -24,11 +24,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-_REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+if __name__ == "__main__" and not __package__:  # run as a file in a checkout:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, as `-m` has it
 
-from data_tools.shard_lib import manifest as manifest_lib  # noqa: E402
+from pretrain.data import formats  # noqa: E402
 
 MEMBER_RE = re.compile(r"^(\d{10})\.(doc_starts|tokens)$")
 MAX_PROBLEMS = 5  # per shard: the first few say what is wrong, the rest is noise
@@ -142,8 +141,8 @@ def _mb(n: float) -> str:
 def inspect(directory: Path, samples: int, tokenizer: str | None, out=None) -> int:
     out = out or sys.stdout
     try:
-        manifest = manifest_lib.load(directory)
-    except manifest_lib.ManifestError as err:
+        manifest = formats.read_manifest(directory)
+    except formats.DataError as err:
         print(f"FAIL manifest: {err}", file=out)
         return 1
     tok = manifest["tokenizer"]
@@ -190,7 +189,7 @@ def inspect(directory: Path, samples: int, tokenizer: str | None, out=None) -> i
             print(f"{split}: {_mb(info['text_bytes'])} of text, "
                   f"{info['text_bytes'] / stream:.2f} bytes per token", file=out)
     bar.close()
-    extra = sorted(n for n in os.listdir(directory) if manifest_lib.SHARD_NAME_RE.match(n) and n not in listed)
+    extra = sorted(n for n in os.listdir(directory) if formats.SHARD_NAME_RE.match(n) and n not in listed)
     if extra:
         print(f"note: {len(extra)} shard files not in the manifest (ignored): {', '.join(extra[:5])}", file=out)
     documents = manifest.get("documents")
@@ -213,14 +212,13 @@ def _decode(manifest: dict, samples: dict[int, np.ndarray], tokenizer: str | Non
     if not path or not os.path.isfile(path):
         print(f"note: tokenizer {path} not found; pass --tokenizer to decode samples", file=out)
         return
-    import sentencepiece as spm
-
-    data = Path(path).read_bytes()
-    if hashlib.sha256(data).hexdigest() != manifest["tokenizer"].get("sha256"):
-        print(f"note: {path} is not the tokenizer of this dataset (sha256 differs); not decoding "
-              f"with it", file=out)
+    try:
+        processor = formats.TextTokenizer(
+            formats.open_tokenizer(path, sha256=manifest["tokenizer"].get("sha256")))
+    except formats.TokenizerError as err:
+        print(f"note: {err}: {path} is not the tokenizer of this dataset; not decoding with it",
+              file=out)
         return
-    processor = spm.SentencePieceProcessor(model_proto=data)
     eod = manifest["eod_id"]
     for key in sorted(samples):
         tokens = samples[key].astype(np.int64)

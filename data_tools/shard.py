@@ -36,13 +36,11 @@ import argparse
 import sys
 from pathlib import Path
 
-# Run as `python data_tools/shard.py`: sys.path[0] is data_tools/, not the repo root.
-_REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+if __name__ == "__main__" and not __package__:  # run as a file in a checkout:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, as `-m` has it
 
-from data_tools.shard_lib.errors import ShardError  # noqa: E402
 from data_tools.shard_lib.pipeline import TXT_MODES, Options, build  # noqa: E402
+from pretrain.data.formats import DataError  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -108,7 +106,7 @@ def main(argv=None) -> int:
     opts = parse_args(argv)
     try:
         build(opts)
-    except ShardError as err:
+    except DataError as err:  # ShardError, and the data layer's input and tokenizer errors
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

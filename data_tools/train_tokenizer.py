@@ -1,8 +1,12 @@
-"""Train the project's sentencepiece tokenizer (byte fallback, fixed special ids) on .txt and
-.jsonl(.gz) files, deterministically, and write PREFIX.model with its card PREFIX.json.
+"""Train the project's sentencepiece tokenizer (byte fallback, fixed special ids) on every input
+format shard.py reads, deterministically, and write PREFIX.model with its card PREFIX.json.
 
-    python data_tools/train_tokenizer.py --input corpus/ 'more/*.jsonl.gz' \\
+    python data_tools/train_tokenizer.py --input corpus/ 'more/*.jsonl.zst' data.parquet \\
         --vocab-size 32000 --output tokenizers/tok32k [--model-type bpe|unigram]
+
+Inputs are found and read by the data layer (pretrain/data/formats.py), as shard.py finds and
+reads them: .txt (a file is a document), .jsonl, .jsonl.gz, .jsonl.zst (field --text-key) and
+.parquet (column --text-key); directories are searched recursively, globs expanded.
 
 Choices, and why (the card's "settings" records every option passed to sentencepiece):
 
@@ -33,85 +37,38 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import re
 import sys
-import tempfile
 import zlib
-from glob import glob
 from pathlib import Path
 
 import numpy as np
 
-# Run as `python data_tools/train_tokenizer.py`: sys.path[0] is data_tools/, not the repo root.
-_REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+if __name__ == "__main__" and not __package__:  # run as a file in a checkout:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, as `-m` has it
 
-from data_tools.shard_lib.clean import is_binary, is_binary_file  # noqa: E402
-from data_tools.tokenizer_lib import (CARD_FORMAT, CARD_VERSION, SPECIAL_IDS,  # noqa: E402
-                                      card_path, file_sha256)
+from data_tools.shard_lib.clean import is_binary, is_binary_file, repair_utf8  # noqa: E402
+from pretrain.data.formats import (CARD_FORMAT, CARD_VERSION, SPECIAL_IDS, BadRecord,  # noqa: E402
+                                   DataError, card_path, decompress, file_format, find_inputs,
+                                   json_text, open_tokenizer, parquet_row_groups, parquet_texts)
+from pretrain.files import file_sha256, write_atomic  # noqa: E402
 
-SUPPORTED = (".txt", ".jsonl", ".jsonl.gz")
 MAX_SENTENCE_BYTES = 4192  # sentencepiece's max_sentence_length default, passed explicitly
 BYTE_PIECES = 256
 MIN_VOCAB = len(SPECIAL_IDS) + BYTE_PIECES + 1  # specials, byte fallback, at least one character
 
 
-class InputError(ValueError):
+class InputError(DataError):
     """Bad input or flags, stated as one line: the file or flag, the value and the fix."""
 
 
 # ---------------------------------------------------------------- inputs
 
-def _kind(path: Path) -> str | None:
-    name = path.name.lower()
-    return next((ext for ext in sorted(SUPPORTED, key=len, reverse=True) if name.endswith(ext)), None)
-
-
-def _supported_list() -> str:
-    return ", ".join(SUPPORTED)
-
-
 def expand_inputs(specs: list[str]) -> tuple[list[Path], int]:
-    """Files, directories (searched recursively, hidden entries skipped) and globs -> the input
-    files, sorted by resolved path so the order never depends on how they were named; also
-    returns how many files in directories were skipped for their extension."""
-    found: dict[str, Path] = {}
-    skipped = 0
-
-    def add(path: Path, spec: str) -> None:
-        if _kind(path) is None:
-            raise InputError(f"{path}: unsupported file type (from --input {spec}); "
-                             f"supported: {_supported_list()}")
-        found.setdefault(str(path.resolve()), path)
-
-    for spec in specs:
-        path = Path(spec)
-        if path.is_dir():
-            before = len(found)
-            for root, dirs, files in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in sorted(files):
-                    child = Path(root) / name
-                    if name.startswith(".") or _kind(child) is None:
-                        skipped += 1
-                    else:
-                        add(child, spec)
-            if len(found) == before:
-                raise InputError(f"--input {spec}: directory holds no {_supported_list()} files")
-        elif path.is_file():
-            add(path, spec)
-        elif any(ch in spec for ch in "*?["):
-            matches = sorted(Path(m) for m in glob(spec, recursive=True) if Path(m).is_file())
-            if not matches:
-                raise InputError(f"--input {spec!r}: the pattern matches no files")
-            for match in matches:
-                add(match, spec)
-        else:
-            raise InputError(f"--input {spec}: no such file or directory; pass files, directories "
-                             f"or quoted globs of {_supported_list()} files")
-    return [found[key] for key in sorted(found)], skipped
+    """The input files (as shard.py finds them) and how many files in directories were skipped
+    for their type."""
+    paths, skipped = find_inputs(specs)
+    return [Path(p) for p in paths], skipped
 
 
 class _HashingReader(io.RawIOBase):
@@ -159,8 +116,9 @@ def _decode(raw: bytes) -> tuple[str, bool]:
 
 
 def _documents(path: Path, kind: str, stream, text_key: str, stats: CorpusStats):
-    """Yield the text of each document: a .txt file is one document; a .jsonl line is one."""
-    if kind == ".txt":
+    """Yield the text of each document: a .txt file is one document; a JSONL line or a parquet
+    row is one (records are taken apart by the data layer, as shard.py takes them apart)."""
+    if kind == "txt":
         # shard.py drops binary documents; a tokenizer trained on them would waste its
         # vocabulary on pieces the shards never contain.
         if is_binary_file(path):
@@ -175,38 +133,39 @@ def _documents(path: Path, kind: str, stream, text_key: str, stats: CorpusStats)
             yield text
         stats.utf8_repaired += repaired
         return
-    for number, raw in enumerate(stream, start=1):
-        if not raw.strip():
-            continue
-        try:
-            line, repaired = _decode(raw)
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path} line {number}: not valid JSON ({err.msg}); each line of a "
-                             f".jsonl file must be one JSON object") from None
-        if not isinstance(record, dict):
-            raise InputError(f"{path} line {number}: expected a JSON object, got "
-                             f"{type(record).__name__}")
-        if text_key not in record:
-            fields = ", ".join(sorted(map(str, record))) or "none"
-            raise InputError(f"{path} line {number}: no {text_key!r} field (fields: {fields}); "
-                             f"pass --text-key with the field that holds the text")
-        text = record[text_key]
-        if not isinstance(text, str):
-            raise InputError(f"{path} line {number}: field {text_key!r} is "
-                             f"{type(text).__name__}, not a string; pass --text-key naming a text field")
-        try:
-            data = text.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates from JSON escapes such as "\ud800"
-            repaired = True
-            text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-            data = text.encode("utf-8")
+    for number, (data, repaired) in _records(path, kind, stream, text_key):
         if is_binary(data):
             stats.binary_skipped += 1
             continue
         stats.documents += 1
         stats.utf8_repaired += repaired
-        yield text
+        yield data.decode("utf-8")
+
+
+def _records(path: Path, kind: str, stream, text_key: str):
+    """(line or row number, (UTF-8 text, repaired)) of each JSONL line or parquet row."""
+    if kind == "parquet":
+        row = 0
+        for values in parquet_texts(str(path), text_key):
+            for value in values:
+                row += 1
+                if value is None:
+                    raise InputError(f"{path} row {row}: null in column {text_key!r}; drop the "
+                                     f"row or pass --text-key naming a text column")
+                yield row, repair_utf8(value)
+        return
+    for number, raw in enumerate(stream, start=1):
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # a UTF-8 byte-order mark is not JSON
+        if not raw.strip():
+            continue
+        try:
+            yield number, json_text(raw, text_key)
+        except BadRecord as bad:
+            fix = ("pass --text-key with the field that holds the text"
+                   if bad.reason == "missing_text_key"
+                   else "each line of a .jsonl file must be one JSON object")
+            raise InputError(f"{path} line {number}: {bad.detail}; {fix}") from None
 
 
 def split_long_line(line: str, limit: int = MAX_SENTENCE_BYTES) -> list[str]:
@@ -289,12 +248,14 @@ def collect_sentences(paths: list[Path], text_key: str, sampler: ReservoirSample
 def _collect_file(path: Path, text_key: str, sampler: ReservoirSampler, stats: CorpusStats,
                   bar) -> dict:
     """One input file's lines into the sampler; returns its entry of the card's inputs."""
-    kind = _kind(path)
+    kind = file_format(path)
     try:
         with open(path, "rb") as raw:
             hashing = _HashingReader(raw, bar)
             buffered = io.BufferedReader(hashing, 1 << 20)
-            stream = gzip.GzipFile(fileobj=buffered, mode="rb") if kind.endswith(".gz") else buffered
+            if kind == "parquet":  # read by row group, not as a stream: checked first
+                parquet_row_groups(str(path), text_key)
+            stream = None if kind == "parquet" else decompress(buffered, kind)
             try:
                 for text in _documents(path, kind, stream, text_key, stats):
                     for line in text.split("\n"):
@@ -311,6 +272,9 @@ def _collect_file(path: Path, text_key: str, sampler: ReservoirSampler, stats: C
             except (gzip.BadGzipFile, EOFError, zlib.error) as err:
                 raise InputError(f"{path}: not a valid gzip file ({err}); re-compress it or "
                                  f"pass the uncompressed .jsonl") from None
+            except ValueError as err:  # zstandard.ZstdError, pyarrow's ArrowInvalid
+                raise InputError(f"{path}: not a valid {kind} file ({err}); re-write it or pass "
+                                 f"the uncompressed .jsonl") from None
             while buffered.read(1 << 20):  # hash any bytes the reader did not need
                 pass
     except OSError as err:
@@ -378,22 +342,6 @@ def train_model(sentences: list[str], options: dict, seed: int, args) -> bytes:
     return writer.getvalue()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, then rename: readers see the old file
-    or the whole new one, never a partial one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the outputs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ---------------------------------------------------------------- command line
 
 class _Parser(argparse.ArgumentParser):
@@ -406,14 +354,16 @@ def parse_args(argv=None):
     parser = _Parser(description=__doc__.split("\n\n")[0],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, nargs="+", action="extend",
-                        help=f"files, directories or quoted globs ({_supported_list()})")
+                        help="files, directories or quoted globs (.txt, .jsonl, .jsonl.gz, .jsonl.zst, "
+                             ".parquet)")
     parser.add_argument("--vocab-size", required=True, type=int, help="pieces, specials included")
     parser.add_argument("--output", required=True, help="PREFIX: writes PREFIX.model and PREFIX.json")
     parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     parser.add_argument("--max-sentences", type=int, default=2_000_000,
                         help="above this many lines, train on a seeded uniform sample of them")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sentence sample")
-    parser.add_argument("--text-key", default="text", help="the text field of .jsonl records")
+    parser.add_argument("--text-key", default="text",
+                        help="the text field of JSONL records / column of parquet files")
     parser.add_argument("--character-coverage", type=float, default=0.9995,
                         help="share of characters that get pieces, in [0.98, 1]; the rarest "
                              "fall back to bytes")
@@ -454,14 +404,14 @@ def main(argv=None) -> int:
             binary = f", {stats.binary_skipped} binary skipped" if stats.binary_skipped else ""
             raise InputError(f"the {len(paths)} input file(s) hold no text ({stats.documents} "
                              f"documents, all empty{binary}); check --input"
-                             + ("" if any(_kind(p) == ".txt" for p in paths) else " and --text-key"))
+                             + ("" if any(file_format(p) == "txt" for p in paths) else " and --text-key"))
         sentences = sampler.sample()
         options = sentencepiece_options(args)
         if sys.stderr.isatty():  # sentencepiece reports no progress; say what the wait is
             print(f"training a {args.model_type} tokenizer on {len(sentences):,} sentences ...",
                   file=sys.stderr, flush=True)
         model = train_model(sentences, options, args.seed, args)
-    except InputError as err:
+    except DataError as err:  # InputError, and the data layer's input errors
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # a sentencepiece failure not caused by a flag we know of
@@ -482,7 +432,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     sha256 = file_sha256(model_path)
-    vocab_size = spm.SentencePieceProcessor(model_proto=model).GetPieceSize()
+    vocab_size = open_tokenizer(model_path, data=model).get_piece_size()
     card = {
         "format": CARD_FORMAT, "format_version": CARD_VERSION,
         "model_file": model_path.name, "sha256": sha256,
@@ -506,7 +456,7 @@ def main(argv=None) -> int:
         print(f"  {stats.long_lines_split:,} line(s) over {MAX_SENTENCE_BYTES} bytes split into "
               f"{stats.long_line_chunks:,} sentences")
     if skipped:
-        print(f"  skipped {skipped} files in input directories (not {_supported_list()})")
+        print(f"  skipped {skipped} files in input directories (not an input format)")
     print(f"  model: {model_path}  sha256 {sha256[:16]}")
     print(f"  card:  {card_file}")
     return 0

@@ -407,9 +407,32 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+# The configs shipped with the package: a link to configs/ in a checkout, copied into the wheel.
+BUNDLED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def bundled_config_names() -> list[str]:
+    """Names `--config` takes besides paths: configs/NAME.yaml (`pretrain_1b` also as `1b`)."""
+    stems = sorted(p.stem for p in BUNDLED_CONFIGS.glob("*.yaml"))
+    return stems + [s.removeprefix("pretrain_") for s in stems if s.startswith("pretrain_")]
+
+
+def resolve_config(name: str | Path) -> Path:
+    """An existing file as given, else a bundled config by name (from any directory)."""
+    path = Path(name)
+    if path.is_file() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path  # a path: _read_yaml names it if it is missing
+    for stem in (str(name), f"pretrain_{name}"):
+        if (BUNDLED_CONFIGS / f"{stem}.yaml").is_file():
+            return BUNDLED_CONFIGS / f"{stem}.yaml"
+    raise ConfigError(f"config {str(name)!r} is neither a file nor a bundled config; bundled: "
+                      f"{', '.join(bundled_config_names())}, or pass a YAML path")
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a run config, expand `model: NAME`, then apply `section.key=value` overrides."""
-    path = Path(path)
+    """Read a run config (a path or a bundled name), expand `model: NAME`, then apply
+    `section.key=value` overrides."""
+    path = resolve_config(path)
     data = _read_yaml(path)
     cfg = Config()
     model = data.get("model")
@@ -465,7 +488,8 @@ def coerce_override(dotted: str, value: Any, where: str) -> Any:
 
 def _model_preset(config_dir: Path, name: str) -> dict:
     for candidate in (config_dir / "model" / f"{name}.yaml",
-                      config_dir.parent / "model" / f"{name}.yaml"):
+                      config_dir.parent / "model" / f"{name}.yaml",
+                      BUNDLED_CONFIGS / "model" / f"{name}.yaml"):
         if candidate.is_file():
             data = _read_yaml(candidate)
             return dict(data.get("model", data), name=name)

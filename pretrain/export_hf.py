@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import store
 from pretrain.checkpoint.store import CheckpointError
 from pretrain.checkpoint.weights import CheckpointWeights, read_weights
+from pretrain.files import file_sha256, fsync_dir, fsync_tree, temp_path
 from pretrain.log import quiet_library_warnings
 from pretrain.hf_convert import check_llama_compatible, llama_config, to_hf
 
@@ -83,7 +83,7 @@ def find_tokenizer(weights: CheckpointWeights, given: str | None) -> Path | None
             if given:
                 raise CheckpointError(f"--tokenizer {given}: no such file")
             continue
-        digest = store.sha256_file(path)
+        digest = file_sha256(path)
         if digest != want:
             raise CheckpointError(f"tokenizer {path} has sha256 {digest[:12]}, but {weights.path} "
                                   f"was trained on data tokenized with {want[:12]}; pass the "
@@ -134,7 +134,7 @@ def export(checkpoint: str, output: Path, tokenizer: str | None = None, dtype: s
     model = weights.model_config
     check_llama_compatible(model, str(weights.path))
     tokenizer_path = find_tokenizer(weights, tokenizer)
-    staging = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    staging = temp_path(output)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -150,11 +150,11 @@ def export(checkpoint: str, output: Path, tokenizer: str | None = None, dtype: s
                       "pad_token_id": special_ids.get("pad")}
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         _fault("config.json")
-        store.fsync_tree(staging)
+        fsync_tree(staging)
         if output.exists():
             output.rmdir()  # empty, checked above
         os.rename(staging, output)
-        store.fsync_dir(output.parent)
+        fsync_dir(output.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -15,6 +15,7 @@ import statistics
 from collections import deque
 from pathlib import Path
 
+from pretrain.files import write_atomic
 from pretrain.log import is_rank0, log, warn
 
 
@@ -136,9 +137,7 @@ class MetricsWriter(Hook):
                     kept.append(line)
             except json.JSONDecodeError:  # a line torn by a kill: the steps are trained again
                 continue
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(line + "\n" for line in kept))
         self._file = open(self.path, "a", buffering=1)
 
     def close(self) -> None:

@@ -9,9 +9,12 @@ has no metrics; a torn last line (a run killed mid-write) is skipped with a noti
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
+
+from pretrain.files import write_atomic
 
 METRICS = "metrics.jsonl"
 
@@ -94,10 +97,10 @@ def plot(runs: list[Path], output: Path) -> list[str]:
         ax.set_visible(False)
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(output)
+    write_atomic(output, image.getvalue())
     return [p[0] for p in panels]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pretrain.config import Config, ConfigError
+from pretrain.files import write_atomic
 from pretrain.hooks import Hook, scalar_items
 from pretrain.log import is_rank0, log
 
@@ -93,9 +94,7 @@ class WandbRun(Hook):
             log(f"wandb: {path} holds no valid run id; starting a new W&B run")
         # W&B's own ids look like this (8 of [a-z0-9]); its helper moved between versions.
         run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(run_id + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, run_id + "\n")
         return run_id
 
     def on_train_start(self, trainer) -> None:

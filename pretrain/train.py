@@ -47,7 +47,8 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     argv, from_flags = megatron_flags.translate(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="run config, e.g. configs/smoke.yaml")
+    parser.add_argument("--config", required=True,
+                        help="run config: a YAML path or a bundled name (smoke, demo, 1b)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate, print the resolved config, parameter count and memory "
                              "estimate, then exit")

@@ -1,50 +1,14 @@
-"""Writes that never leave a partial file under a final name (temp file in the same directory,
-fsync, rename, fsync the directory), stale temp-file cleanup and the output-directory lock."""
+"""The output directory of shard.py: its lock, and the cleanup of temp files a killed run left
+(the writes themselves go through pretrain/files.py)."""
 
 from __future__ import annotations
 
 import fcntl
 import os
-import re
 from pathlib import Path
 
 from data_tools.shard_lib.errors import ShardError
-
-# `.NAME.tmp-PID`: hidden, so globs such as `train-*.tar` never match a file being written.
-TEMP_RE = re.compile(r"^\..+\.tmp-\d+$")
-
-
-def temp_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def commit(temp: Path, final: Path, durable: bool = True) -> None:
-    """Rename a fully written (and, if durable, fsynced) temp file to its final name."""
-    os.replace(temp, final)
-    if durable:
-        fsync_dir(final.parent)
-
-
-def write_atomic(final: Path, data: bytes, durable: bool = True) -> None:
-    temp = temp_path(final)
-    try:
-        with open(temp, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        commit(temp, final, durable)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+from pretrain.files import TEMP_RE
 
 
 def remove_stale_temps(directory: Path) -> int:

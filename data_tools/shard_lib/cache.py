@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.shard_lib.atomic import remove_stale_temps, temp_path
+from data_tools.shard_lib.atomic import remove_stale_temps
 from data_tools.shard_lib.errors import ShardError
+from pretrain.files import write_atomic
 
 CACHE_VERSION = 3  # 3: pieces carry each entry's UTF-8 byte count (nbytes)
 _PIECE_RE = re.compile(r"^([0-9a-f]{32})-(\d{6})(-last)?\.npz$")
@@ -118,9 +119,7 @@ class WorkCache:
                  digests=np.frombuffer(piece.digests, np.uint8), repaired=piece.repaired,
                  flags=piece.flags,
                  meta=np.frombuffer(json.dumps(piece.meta()).encode(), np.uint8))
-        temp = temp_path(final)
-        temp.write_bytes(buffer.getbuffer())
-        os.replace(temp, final)
+        write_atomic(final, buffer.getvalue(), durable=False)
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

@@ -3,6 +3,8 @@ one `error: ...` line and exit 2, so it must name the file, field or value and t
 
 from __future__ import annotations
 
+from pretrain.data.formats import DataError
 
-class ShardError(Exception):
+
+class ShardError(DataError):
     """A problem with the inputs, the tokenizer or the options, stated as one line."""

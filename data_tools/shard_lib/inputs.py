@@ -1,6 +1,6 @@
-"""Input files: expand paths, directories and globs into a sorted file list, plan read units
-(groups of whole files, byte ranges of large files, parquet row groups) and read a unit into
-pieces of cleaned documents. The reading half runs in Ray tasks and returns errors as data.
+"""Input files for shard.py: the sorted file list (found by the data layer, formats.py), read
+units (groups of whole files, byte ranges of large files, parquet row groups) and a unit read
+into pieces of cleaned documents. The reading half runs in Ray tasks and returns errors as data.
 
 Document order is the sorted absolute file paths, then order within a file; units and pieces
 are consecutive slices of that order, so concatenating them in index order restores it.
@@ -8,9 +8,6 @@ are consecutive slices of that order, so concatenating them in index order resto
 
 from __future__ import annotations
 
-import glob
-import gzip
-import io
 import json
 import os
 import re
@@ -22,68 +19,19 @@ import numpy as np
 
 from data_tools.shard_lib.clean import (NormalizedHasher, chunk_bounds, is_binary, is_empty,
                                         repair_utf8)
-from data_tools.shard_lib.errors import ShardError
+from pretrain.data.formats import (BadRecord, file_format, find_inputs, json_text, open_jsonl,
+                                   parquet_row_groups, parquet_texts)
 
-# Longest suffix first: `x.jsonl.gz` must not match `.jsonl`.
-FORMATS = {".jsonl.gz": "jsonl.gz", ".jsonl.zst": "jsonl.zst", ".jsonl": "jsonl",
-           ".parquet": "parquet", ".txt": "txt"}
-SUPPORTED = ", ".join(sorted(FORMATS, key=len))
 REJECT_REASONS = ("empty", "binary", "duplicate", "missing_text_key", "invalid_json")
 # A blank line (whitespace containing two newlines) separates paragraphs in --txt-mode paragraph.
 PARAGRAPH_SEP = re.compile(rb"\n[ \t\r\x0b\x0c\n]*\n")
 _BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
 _SCAN_BLOCK = 1 << 20
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def file_format(path: str) -> str | None:
-    name = path.lower()
-    for suffix, fmt in FORMATS.items():
-        if name.endswith(suffix):
-            return fmt
-    return None
-
-
-def _walk(directory: str) -> list[str]:
-    found = []
-    for root, dirs, files in os.walk(directory, followlinks=True):
-        # Hidden entries are skipped: .git, and a shard directory's .work cache.
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(os.path.join(root, f) for f in files
-                     if not f.startswith(".") and file_format(f) is not None)
-    return found
-
-
-def _checked_file(path: str, origin: str) -> str:
-    if file_format(path) is None:
-        raise ShardError(f"{path}: unsupported file type (from --input {origin}); supported: "
-                         f"{SUPPORTED}")
-    return path
 
 
 def resolve_inputs(patterns: list[str]) -> list[str]:
     """Absolute paths of every input file, sorted, each once."""
-    files: dict[str, str] = {}  # realpath -> absolute path as named
-    for pattern in patterns:
-        if os.path.isdir(pattern):
-            matches = _walk(pattern)
-            if not matches:
-                raise ShardError(f"--input {pattern}: directory has no files of a supported type "
-                                 f"({SUPPORTED})")
-        elif os.path.isfile(pattern):
-            matches = [_checked_file(pattern, pattern)]
-        elif glob.has_magic(pattern):
-            matches = []
-            for match in sorted(glob.glob(pattern, recursive=True)):
-                matches.extend(_walk(match) if os.path.isdir(match) else [_checked_file(match, pattern)])
-            if not matches:
-                raise ShardError(f"--input {pattern}: the pattern matches no files of a supported "
-                                 f"type ({SUPPORTED})")
-        else:
-            raise ShardError(f"--input {pattern}: no such file or directory")
-        for match in matches:
-            files.setdefault(os.path.realpath(match), os.path.abspath(match))
-    return sorted(set(files.values()))
+    return [os.path.abspath(path) for path in find_inputs(patterns)[0]]
 
 
 # ---------------------------------------------------------------- planning
@@ -118,28 +66,15 @@ def _byte_ranges(path: str, size: int, unit_bytes: int, paragraphs: bool) -> lis
 
 
 def _parquet_segments(path: str, base: dict, text_key: str) -> list[dict]:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        meta = pq.ParquetFile(path).metadata
-        schema = pq.read_schema(path)
-    except (OSError, pa.ArrowException) as err:
-        raise ShardError(f"{path}: not a readable parquet file ({err})") from None
-    if text_key not in schema.names:
-        raise ShardError(f"{path}: no column {text_key!r} (columns: {', '.join(schema.names)}); "
-                         f"pass --text-key with the column that holds the text")
-    kind = schema.field(text_key).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
-            or pa.types.is_large_binary(kind) or str(kind) in ("string_view", "binary_view")):
-        raise ShardError(f"{path}: column {text_key!r} has type {kind}, not string; pass "
-                         f"--text-key with the column that holds the text")
     segments, first_row = [], 0
-    for group in range(meta.num_row_groups):
-        info = meta.row_group(group)
+    rows = parquet_row_groups(path, text_key)  # checks the file and its text column
+    meta = pq.ParquetFile(path).metadata
+    for group, num_rows in enumerate(rows):
         segments.append({**base, "row_group": group, "first_row": first_row,
-                         "weight": max(int(info.total_byte_size), 1)})
-        first_row += info.num_rows
+                         "weight": max(int(meta.row_group(group).total_byte_size), 1)})
+        first_row += num_rows
     return segments
 
 
@@ -177,13 +112,6 @@ def plan_units(files: list[str], txt_mode: str, text_key: str, unit_bytes: int) 
 
 # ---------------------------------------------------------------- reading (runs in Ray tasks)
 
-class _BadRecord(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
 class _Position:
     """How much of the current segment has been consumed, in the segment's weight units
     (drives the progress bar only)."""
@@ -192,49 +120,8 @@ class _Position:
         self.done = 0
 
 
-def _json_text(line: bytes, text_key: str) -> tuple[bytes, bool]:
-    repaired = False
-    try:
-        try:
-            record = json.loads(line)
-        except UnicodeDecodeError:
-            record = json.loads(line.decode("utf-8", "replace"))
-            repaired = True
-    except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as err:
-        raise _BadRecord("invalid_json", f"not valid JSON ({getattr(err, 'msg', err)})") from None
-    if not isinstance(record, dict):
-        raise _BadRecord("invalid_json", f"a JSON {type(record).__name__}, not an object")
-    text = record.get(text_key)
-    if not isinstance(text, str):
-        keys = ", ".join(list(record)[:10]) or "none"
-        what = "no field" if text_key not in record else f"a {type(text).__name__} field"
-        raise _BadRecord("missing_text_key", f"{what} {text_key!r} (keys: {keys})")
-    try:
-        data = text.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates from \ud800-style escapes: one U+FFFD each
-        data = _SURROGATE.sub("\ufffd", text).encode("utf-8")
-        repaired = True
-    return data, repaired
-
-
-def _open_stream(segment: dict):
-    fmt = segment["fmt"]
-    if fmt == "jsonl.gz":
-        raw = open(segment["path"], "rb")
-        return raw, gzip.GzipFile(fileobj=raw, mode="rb")
-    if fmt == "jsonl.zst":
-        import zstandard
-
-        raw = open(segment["path"], "rb")
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        return raw, io.BufferedReader(reader, 1 << 20)
-    raw = open(segment["path"], "rb", buffering=1 << 20)
-    raw.seek(segment["start"])
-    return raw, raw
-
-
 def _read_jsonl(segment: dict, text_key: str, position: _Position) -> Iterator:
-    raw, stream = _open_stream(segment)
+    raw, stream = open_jsonl(segment["path"], segment["fmt"], segment["start"])
     compressed = stream is not raw
     offset, end = segment["start"], segment["end"]
     with raw, stream:
@@ -248,8 +135,8 @@ def _read_jsonl(segment: dict, text_key: str, position: _Position) -> Iterator:
                 line = line[3:]  # a UTF-8 byte-order mark is not JSON
             if line.strip():
                 try:
-                    item = _json_text(line, text_key)
-                except _BadRecord as bad:
+                    item = json_text(line, text_key)
+                except BadRecord as bad:
                     item = bad.reason, {"path": segment["path"], "line": number,
                                         "start": segment["start"], "detail": bad.detail}
                 line = None  # a 100 MB line is not kept alive while its document is processed
@@ -279,18 +166,12 @@ def _read_paragraphs(segment: dict, position: _Position) -> Iterator:
 
 
 def _read_parquet(segment: dict, text_key: str, position: _Position) -> Iterator:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(segment["path"])
-    total = max(parquet.metadata.row_group(segment["row_group"]).num_rows, 1)
+    total = max(pq.ParquetFile(segment["path"]).metadata.row_group(segment["row_group"]).num_rows, 1)
     row = segment["first_row"]
-    for batch in parquet.iter_batches(batch_size=1024, row_groups=[segment["row_group"]],
-                                      columns=[text_key]):
-        column = batch.column(0)
-        if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
-            column = column.cast(pa.large_binary())  # no UTF-8 trust: repaired like any file
-        for value in column.to_pylist():
+    for values in parquet_texts(segment["path"], text_key, segment["row_group"]):
+        for value in values:
             row += 1
             if value is None:
                 yield "missing_text_key", {"path": segment["path"], "row": row,

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.shard_lib.atomic import commit, temp_path
+from pretrain.data.formats import shard_name
+from pretrain.files import commit, temp_path
 
 BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads the archive to whole records
@@ -151,7 +152,7 @@ class SplitWriter:
                 self._finish_shard()
 
     def _open(self) -> None:
-        name = f"{self.split}-{len(self.shards):06d}.tar"
+        name = shard_name(self.split, len(self.shards))
         self.current = _ShardFile(self.output / name, self.next_key)
 
     def _finish_shard(self) -> None:

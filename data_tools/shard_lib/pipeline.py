@@ -9,7 +9,6 @@ and for a run resumed from DIR/.work after a kill.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -25,7 +24,6 @@ from typing import Iterator
 
 import numpy as np
 
-from data_tools.shard_lib import manifest as manifest_lib
 from data_tools.shard_lib.atomic import DirLock, remove_stale_temps
 from data_tools.shard_lib.cache import TokenizedPiece, WorkCache
 from data_tools.shard_lib.errors import ShardError
@@ -34,7 +32,9 @@ from data_tools.shard_lib.inputs import (FIRST, LAST, REJECT_REASONS, plan_units
 from data_tools.shard_lib.pack import ShardCounter, SplitWriter, default_shard_samples
 from data_tools.shard_lib import replace
 from data_tools.shard_lib.tokenize import TokenizeWorker, token_dtype
-from data_tools.tokenizer_lib import EOS_CANDIDATES, HFTokenizer, TokenizerError, is_hf_tokenizer
+from pretrain.data import formats
+from pretrain.data.formats import TokenizerError, is_hf_tokenizer
+from pretrain.hf_tokenizer import EOS_CANDIDATES
 from pretrain.reaper import start_reaper
 
 NORMALIZATION = "ascii-whitespace-collapsed, stripped; blake2b-128"
@@ -94,34 +94,23 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    import sentencepiece as spm
-
+    """The tokenizer through the data layer (its card checked when it has one), plus the
+    checks that matter to shard.py: an end-of-text piece to put after every document."""
     if not os.path.isfile(path):
         raise ShardError(f"--tokenizer {path}: no such file; pass the PREFIX.model written by "
                          f"data_tools/train_tokenizer.py (or a Hugging Face tokenizer.json)")
-    proto = Path(path).read_bytes()
-    if is_hf_tokenizer(path):
-        try:
-            hf = HFTokenizer(path, proto)
-        except TokenizerError as err:
-            raise ShardError(f"--tokenizer {err}") from None
-        if hf.eos_id() < 0:
-            raise ShardError(f"--tokenizer {path}: no end-of-text token ({', '.join(EOS_CANDIDATES)}"
-                             f" or tokenizer_config.json's eos_token), which shard.py appends "
-                             f"after every document; put a tokenizer_config.json naming it beside")
-        return Tokenizer(os.path.abspath(path), hashlib.sha256(proto).hexdigest(),
-                         hf.get_piece_size(), hf.eos_id())
-    processor = spm.SentencePieceProcessor()
     try:
-        processor.LoadFromSerializedProto(proto)
-    except (RuntimeError, OSError, TypeError) as err:
-        raise ShardError(f"--tokenizer {path}: not a sentencepiece model ({err}); pass the "
-                         f"PREFIX.model written by data_tools/train_tokenizer.py") from None
+        processor, _card, sha256 = formats.load_tokenizer(path)
+    except TokenizerError as err:
+        raise ShardError(f"--tokenizer {err}") from None
+    if processor.eos_id() < 0 and is_hf_tokenizer(path):
+        raise ShardError(f"--tokenizer {path}: no end-of-text token ({', '.join(EOS_CANDIDATES)}"
+                         f" or tokenizer_config.json's eos_token), which shard.py appends "
+                         f"after every document; put a tokenizer_config.json naming it beside")
     if processor.eos_id() < 0:
         raise ShardError(f"--tokenizer {path}: the model has no eos piece, which shard.py "
                          f"appends after every document; retrain it with eos_id=3")
-    return Tokenizer(os.path.abspath(path), hashlib.sha256(proto).hexdigest(),
-                     processor.get_piece_size(), processor.eos_id())
+    return Tokenizer(os.path.abspath(path), sha256, processor.get_piece_size(), processor.eos_id())
 
 
 class Progress:
@@ -378,7 +367,7 @@ def build(opts: Options) -> dict:
         todo = [u for u, n in zip(units, cached) if not n]
         counter = ShardCounter()
         writers = {split: SplitWriter(shard_dir, split, opts.seq_len, dtype, tok.eos_id,
-                                      shard_samples, counter) for split in manifest_lib.SPLITS}
+                                      shard_samples, counter) for split in formats.SPLITS}
         total_bytes = sum(s["weight"] for u in units for s in u["segments"])
         workers = opts.num_workers
         if todo:
@@ -424,7 +413,7 @@ def build(opts: Options) -> dict:
         if splits["train"]["samples"] == 0:
             raise ShardError(f"the train split has {tails['train']} tokens, less than one sample "
                              f"of seq_len+1 = {opts.seq_len + 1}; lower --seq-len or add input")
-        manifest = manifest_lib.build(
+        manifest = formats.build_manifest(
             seq_len=opts.seq_len, token_dtype=dtype.name, eod_id=tok.eos_id,
             tokenizer={"sha256": tok.sha256, "vocab_size": tok.vocab_size, "path": tok.path},
             splits=splits,
@@ -432,7 +421,7 @@ def build(opts: Options) -> dict:
                        "rejected": dict(stats.rejected)},
             tokens_dropped_tail=tails,
             settings=settings, inputs=inputs)
-        replace.publish(output, shard_dir, manifest_lib.dumps(manifest),
+        replace.publish(output, shard_dir, formats.dumps_manifest(manifest),
                         {s["name"] for sp in splits.values() for s in sp["shards"]})
         if not opts.keep_work:
             cache.remove()

@@ -15,8 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
-from data_tools.shard_lib import manifest as manifest_lib
-from data_tools.shard_lib.atomic import fsync_dir, write_atomic
+from pretrain.data import formats
+from pretrain.files import fsync_dir, write_atomic
 from data_tools.shard_lib.errors import ShardError
 
 STAGING = ".next"
@@ -34,14 +34,14 @@ def _field(manifest: dict, dotted: str):
 def existing_dataset(output: Path) -> dict | None:
     """The finished dataset's manifest in OUTPUT (None: none there), or a refusal when the
     file is not one shard.py wrote."""
-    path = output / manifest_lib.MANIFEST
+    path = output / formats.MANIFEST
     if not path.exists():
         return None
     try:
         manifest = json.loads(path.read_bytes())
     except ValueError:
         manifest = None
-    if not isinstance(manifest, dict) or manifest.get("format") != manifest_lib.FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != formats.FORMAT:
         return {}
     return manifest
 
@@ -54,7 +54,7 @@ def check_replace(output: Path, old: dict | None, new_identity: dict, overwrite:
     if overwrite:
         return True
     if not old:
-        raise ShardError(f"--output {output}: {manifest_lib.MANIFEST} there is not a shard.py "
+        raise ShardError(f"--output {output}: {formats.MANIFEST} there is not a shard.py "
                          f"manifest; pass --overwrite to replace it, or choose another --output")
     for name in IDENTITY_FIELDS:
         was, now = _field(old, name), _field(new_identity, name)
@@ -88,13 +88,13 @@ def publish(output: Path, shard_dir: Path, manifest_bytes: bytes, names: set[str
     """Make the new dataset the one in OUTPUT: shards (from shard_dir when staged), the
     manifest last, then stale shards of the old dataset deleted."""
     if shard_dir != output:
-        (output / manifest_lib.MANIFEST).unlink(missing_ok=True)
+        (output / formats.MANIFEST).unlink(missing_ok=True)
         fsync_dir(output)
         for name in sorted(names):
             os.replace(shard_dir / name, output / name)
         fsync_dir(output)
-    write_atomic(output / manifest_lib.MANIFEST, manifest_bytes)
+    write_atomic(output / formats.MANIFEST, manifest_bytes)
     for entry in os.scandir(output):
-        if manifest_lib.SHARD_NAME_RE.match(entry.name) and entry.name not in names:
+        if formats.SHARD_NAME_RE.match(entry.name) and entry.name not in names:
             os.unlink(entry.path)
     remove_staging(output)

@@ -7,7 +7,6 @@ start a thread per core in every actor and oversubscribe the machine.
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
@@ -75,20 +74,16 @@ class TokenizeWorker:
 
     def __init__(self, model_path: str, model_sha256: str, chunk_bytes: int, eod_id: int):
         os.environ["OMP_NUM_THREADS"] = "1"
-        import sentencepiece as spm
-
-        from data_tools.tokenizer_lib import HFTokenizer, is_hf_tokenizer
+        from pretrain.data.formats import TokenizerError, open_tokenizer
 
         # The path, not the model bytes: constructor arguments that large go through the
         # object store, which Ray warns about for restartable actors. Inputs and output must be
         # on shared storage on a cluster anyway; the checksum catches a different file there.
-        with open(model_path, "rb") as f:
-            proto = f.read()
-        if hashlib.sha256(proto).hexdigest() != model_sha256:
-            raise RuntimeError(f"{model_path} on this Ray node is not the tokenizer the driver "
-                               f"loaded (sha256 differs); put it on storage all nodes share")
-        self.processor = HFTokenizer(model_path, proto) if is_hf_tokenizer(model_path) \
-            else spm.SentencePieceProcessor(model_proto=proto, num_threads=1)
+        try:
+            self.processor = open_tokenizer(model_path, sha256=model_sha256)
+        except TokenizerError as err:
+            raise RuntimeError(f"{err} on this Ray node: the driver loaded another file; put it "
+                               f"on storage all nodes share") from None
         self.dtype = token_dtype(self.processor.get_piece_size())
         self.chunk_bytes = chunk_bytes
         self.eod_id = eod_id

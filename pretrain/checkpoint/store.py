@@ -19,7 +19,6 @@ to the newest complete step_N directory when it is missing or stale.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -27,6 +26,12 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+# The project's one atomic-write and file-hash helpers (pretrain/files.py), under the names
+# the checkpoint code and its tests use.
+from pretrain.files import file_sha256 as sha256_file  # noqa: F401
+from pretrain.files import fsync_dir, fsync_tree  # noqa: F401
+from pretrain.files import write_atomic as write_text_atomic
 
 FORMAT = "pretrain-checkpoint"
 FORMAT_VERSION = 1
@@ -44,45 +49,6 @@ class CheckpointError(RuntimeError):
 
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def sha256_file(path: Path, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """Flush every file and directory below root to stable storage (a rename is only as
-    durable as the data it publishes)."""
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def list_files(root: Path) -> list[str]:

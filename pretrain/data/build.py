@@ -7,11 +7,11 @@ with different tokenizers fails in one line at start-up.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 
 from pretrain.config import Config
+from pretrain.data.formats import TextTokenizer, TokenizerError, open_tokenizer
 from pretrain.data.loader import BlendedLoader
 from pretrain.data.sources import DataError, open_source
 
@@ -130,36 +130,6 @@ def source_names(sources) -> list[str]:
             for s in sources]
 
 
-class SentencePieceDecoder:
-    def __init__(self, path: str):
-        import sentencepiece
-
-        self.processor = sentencepiece.SentencePieceProcessor(model_file=path)
-        self.vocab_size = self.processor.get_piece_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self.processor.encode(text)
-
-    def decode(self, ids) -> str:
-        return self.processor.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
-
-
-class TokenizerJSONDecoder:
-    """A Hugging Face tokenizer.json (data sharded with `--tokenizer tokenizer.json`)."""
-
-    def __init__(self, path: str):
-        from tokenizers import Tokenizer
-
-        self.tokenizer = Tokenizer.from_file(path)
-        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids) -> str:
-        return self.tokenizer.decode([int(i) for i in ids])
-
-
 def build_tokenizer(cfg: Config, data: OpenedData):
     """The tokenizer that made the data (for sampling text), or None when it is unavailable."""
     from pathlib import Path
@@ -175,9 +145,8 @@ def build_tokenizer(cfg: Config, data: OpenedData):
     path = cfg.data.tokenizer or source.tokenizer_path
     if not path or not Path(path).is_file():
         return None
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    if digest != source.tokenizer_sha256:
-        raise DataError(f"tokenizer {path} (sha256 {digest[:12]}) is not the one {source.name} "
-                        f"was made with ({source.tokenizer_sha256[:12]}); point data.tokenizer "
-                        f"at the right .model (or tokenizer.json)")
-    return TokenizerJSONDecoder(path) if str(path).endswith(".json") else SentencePieceDecoder(path)
+    try:
+        return TextTokenizer(open_tokenizer(path, sha256=source.tokenizer_sha256))
+    except TokenizerError as err:
+        raise DataError(f"{source.name}: {err}; point data.tokenizer at the right .model (or "
+                        f"tokenizer.json)") from None

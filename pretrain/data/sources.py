@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
-import re
 import shlex
 import sys
 import time
@@ -20,22 +18,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FORMAT = "pretrain-shards"
-SUPPORTED_VERSIONS = (1,)
-RESHARD_HINT = "re-run data_tools/shard.py to regenerate it"
-# The only shard names shard.py writes. A manifest is data from outside (a bucket, a copy):
-# a name is checked against this before it becomes part of a path or a `pipe:` command.
-SHARD_NAME_RE = re.compile(r"^(train|val)-(\d{6})\.tar$")
+# The shard format and its checks live in the data layer (formats.py); DataError is raised
+# from here on as well.
+from pretrain.data.formats import MANIFEST, DataError, check_shard_names, parse_manifest
+from pretrain.data.formats import RESHARD as RESHARD_HINT
 # Remote reads (URL, `pipe:`) are retried: READ_ATTEMPTS tries, waiting RETRY_BASE_S, then
 # twice as long each time (capped at RETRY_MAX_S), before the failure becomes a DataError.
 READ_ATTEMPTS = 4
 RETRY_BASE_S = 2.0
 RETRY_MAX_S = 30.0
 MISSING = -1  # the size of a shard that is not there (start-up check)
-
-
-class DataError(RuntimeError):
-    """A dataset problem, naming the file and what to do about it."""
 
 
 @dataclass
@@ -108,20 +100,8 @@ class ShardSource:
         self.path = path
         self.split = split
         self.verify = verify
-        manifest_url = _url_for(path, "manifest.json")
-        try:
-            manifest = json.loads(_read_url(manifest_url))
-        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-            raise DataError(f"{manifest_url}: not valid JSON ({err}); {RESHARD_HINT}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-            raise DataError(f"{manifest_url}: not a shard manifest (format "
-                            f"{found!r}, expected {FORMAT!r}); {RESHARD_HINT}")
-        version = manifest.get("format_version")
-        if version not in SUPPORTED_VERSIONS:
-            raise DataError(f"{manifest_url}: format_version {version!r} is not supported by this "
-                            f"reader (supports {', '.join(map(str, SUPPORTED_VERSIONS))}); "
-                            f"{RESHARD_HINT} or upgrade pretrain")
+        manifest_url = _url_for(path, MANIFEST)
+        manifest = parse_manifest(_read_url(manifest_url), manifest_url)
         splits = manifest.get("splits", {})
         if not isinstance(splits, dict) or split not in splits \
                 or not isinstance(splits[split], dict) or not splits[split].get("shards"):
@@ -174,13 +154,7 @@ class ShardSource:
         `pipe:` command cannot be checked without running it: its shards are found when read."""
         from pretrain.data import url_check
 
-        for i, meta in enumerate(self.shards):
-            name = meta.get("name") if isinstance(meta, dict) else None
-            if not isinstance(name, str) or not SHARD_NAME_RE.match(name) \
-                    or not name.startswith(self.split + "-"):
-                raise DataError(f"{self.manifest_url}: splits.{self.split}.shards[{i}].name={name!r} "
-                                f"is not a {self.split}-NNNNNN.tar shard name; the manifest is "
-                                f"damaged or not from shard.py, {RESHARD_HINT}")
+        check_shard_names(self.shards, self.split, self.manifest_url)
         urls = [_url_for(self.path, meta["name"]) for meta in self.shards]
         if _is_local(self.path):
             sizes = [_local_size(url) for url in urls]

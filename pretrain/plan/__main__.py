@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from pretrain.checkpoint.store import write_text_atomic
+from pretrain.files import write_atomic
 from pretrain.estimate import describe, peak_tflops
 from pretrain.plan.budget import MEASURED_MFU, GPUS_PER_NODE, gpu_memory_gib, make_plan
 from pretrain.plan.law import DEFAULT_LAW, PUBLISHED, ScalingLaw, bootstrap, fit_law
@@ -60,7 +60,7 @@ def cmd_fit(args) -> int:
         print(f"  C={flops:.0e}: N={pn:.3g} D={pd:.3g} ({pd / pn:.1f} tokens/parameter), "
               f"loss {law.loss(pn, pd):.4f}")
     if args.output:
-        write_text_atomic(args.output, yaml.safe_dump(
+        write_atomic(args.output, yaml.safe_dump(
             {"E": law.E, "A": law.A, "B": law.B, "alpha": float(a), "beta": float(b),
              "runs": [str(r.path) for r in runs]}, sort_keys=False))
         print(f"wrote {args.output} (use it with: python -m pretrain.plan budget --law "
@@ -101,7 +101,7 @@ def cmd_budget(args) -> int:
           f"{plan.gpus} x {plan.gpu} -> {hours:,.1f} h ({hours / 24:.1f} days)")
     print(f"predicted final loss: {plan.predicted_loss:.3f} (the law's data and tokenizer; "
           f"fit your own with a ladder for yours)")
-    write_text_atomic(args.output, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_atomic(args.output, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     nodes = math.ceil(plan.gpus / GPUS_PER_NODE)
     per_node = min(plan.gpus, GPUS_PER_NODE)
     print(f"wrote {args.output}\nsbatch: CONFIG={args.output} RUN_DIR={cfg.run.dir} sbatch "

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pretrain.checkpoint.store import write_text_atomic
+from pretrain.files import write_atomic
 from pretrain.config import validate
 from pretrain.plan.budget import model_shape
 from pretrain.plan.runs import PlanError, matmul_parameters
@@ -102,13 +102,13 @@ def write_ladder(mains: list[dict], branches: list[dict], out: Path, gpus: int) 
         paths = []
         for cfg in configs:
             path = out / f"{Path(cfg['run']['dir']).name}.yaml"
-            write_text_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
+            write_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
             paths.append(path)
         script = out / f"ladder_{group}.sbatch"
-        write_text_atomic(script, _array_script(paths, [c["run"]["dir"] for c in configs], gpus))
+        write_atomic(script, _array_script(paths, [c["run"]["dir"] for c in configs], gpus))
         written += paths + [script]
     submit = out / "submit.sh"
-    write_text_atomic(submit, "#!/bin/bash\n# the branches start from the main runs' checkpoints\n"
+    write_atomic(submit, "#!/bin/bash\n# the branches start from the main runs' checkpoints\n"
                       f"main=$(sbatch --parsable {shlex.quote(str(out / 'ladder_main.sbatch'))})\n"
                       f"sbatch --dependency=afterok:$main "
                       f"{shlex.quote(str(out / 'ladder_branch.sbatch'))}\n")

@@ -565,3 +565,32 @@ def test_token_dtype_by_vocab_size():
     assert token_dtype(400) == np.dtype("<u2") and token_dtype(65536) == np.dtype("<u2")
     assert token_dtype(65537) == np.dtype("<u4")
 
+
+
+# ---------------------------------------------------------------- outputs pinned across refactors
+
+# sha256 of what main (cfa7a2a, before the readers, tokenizer loading and shard format moved
+# into pretrain/data/formats.py) wrote for the corpus below, with sentencepiece 0.2.x: the
+# trained tokenizer model, and the manifest's splits (every shard's sha256, sample, token and
+# text-byte counts) with its document counts. Neither may change in a refactor.
+GOLDEN_MODEL_SHA256 = "fb95a931df657e2c1502f018d32dfc651a6a1652a98a41f3ddd350927464392c"
+GOLDEN_SPLITS_SHA256 = "5f080d6bccad43f4f8dc080df5466a30e741b954750b30d21c280b3d2daadde1"
+
+
+def test_tokenizer_and_shards_keep_the_bytes_of_main(tmp_path, ray_local):
+    from data_tools import train_tokenizer
+
+    rng = random.Random(99)
+    docs = [make_doc(rng, rng.randint(5, 150)) for _ in range(120)]
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "a.txt").write_text("\n".join(docs[:20]), encoding="utf-8")
+    write_jsonl(root / "b.jsonl", [{"text": d} for d in docs[20:]])
+    assert train_tokenizer.main(["--input", str(root), "--vocab-size", "300",
+                                 "--output", str(tmp_path / "tok")]) == 0
+    manifest = build([root], tmp_path / "out", tmp_path / "tok.model", num_workers=2,
+                     shard_samples=16, val_fraction=0.1)
+    model = hashlib.sha256((tmp_path / "tok.model").read_bytes()).hexdigest()
+    splits = hashlib.sha256(json.dumps([manifest["splits"], manifest["documents"],
+                                        manifest["tokens_dropped_tail"]], sort_keys=True).encode())
+    assert (model, splits.hexdigest()) == (GOLDEN_MODEL_SHA256, GOLDEN_SPLITS_SHA256)

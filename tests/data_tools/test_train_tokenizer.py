@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from data_tools.tokenizer_lib import TokenizerError, file_sha256, load_tokenizer
-from data_tools.train_tokenizer import (MAX_SENTENCE_BYTES, ReservoirSampler, split_long_line,
-                                        write_atomic)
+from data_tools.train_tokenizer import MAX_SENTENCE_BYTES, ReservoirSampler, split_long_line
+from pretrain.data.formats import TokenizerError, load_tokenizer
+from pretrain.files import file_sha256, write_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = "data_tools/train_tokenizer.py"
@@ -283,29 +283,65 @@ def test_split_long_line_respects_bytes_characters_and_whitespace():
 
 # ---------------------------------------------------------------- jsonl inputs
 
+def _model_from_text(tmp_path, docs: list[str]) -> bytes:
+    """The model trained on the two halves of `docs` as two .txt files: the reference every
+    other input format of the same documents must reproduce byte for byte."""
+    text_dir = tmp_path / "txt"
+    text_dir.mkdir()
+    half = len(docs) // 2
+    (text_dir / "a.txt").write_text("".join(docs[:half]), encoding="utf-8")
+    (text_dir / "b.txt").write_text("".join(docs[half:]), encoding="utf-8")
+    run_cli("--input", text_dir, "--vocab-size", VOCAB, "--output", tmp_path / "from_txt")
+    return (tmp_path / "from_txt.model").read_bytes()
+
+
 def test_jsonl_and_gz_inputs_train_the_same_model_as_text(tmp_path):
     docs = _documents(0, 120_000)
     half = len(docs) // 2
-    text_dir, json_dir = tmp_path / "txt", tmp_path / "json"
-    text_dir.mkdir()
+    json_dir = tmp_path / "json"
     json_dir.mkdir()
-    (text_dir / "a.txt").write_text("".join(docs[:half]), encoding="utf-8")
-    (text_dir / "b.txt").write_text("".join(docs[half:]), encoding="utf-8")
     with open(json_dir / "a.jsonl", "w", encoding="utf-8") as f:
         for doc in docs[:half]:
             f.write(json.dumps({"id": 1, "content": doc}) + "\n\n")  # blank lines are skipped
     with gzip.open(json_dir / "b.jsonl.gz", "wt", encoding="utf-8") as f:
         for doc in docs[half:]:
             f.write(json.dumps({"content": doc, "meta": {}}) + "\n")
-    run_cli("--input", text_dir, "--vocab-size", VOCAB, "--output", tmp_path / "from_txt")
     run_cli("--input", json_dir, "--vocab-size", VOCAB, "--text-key", "content",
             "--output", tmp_path / "from_json")
-    assert (tmp_path / "from_txt.model").read_bytes() == (tmp_path / "from_json.model").read_bytes()
+    assert _model_from_text(tmp_path, docs) == (tmp_path / "from_json.model").read_bytes()
     card = json.loads((tmp_path / "from_json.json").read_text())
     assert card["corpus"]["documents"] == len(docs)
     assert card["settings"]["text_key"] == "content"
     assert [Path(i["path"]).name for i in card["inputs"]] == ["a.jsonl", "b.jsonl.gz"]
     assert card["inputs"][1]["sha256"] == file_sha256(json_dir / "b.jsonl.gz")
+
+
+def test_parquet_and_zst_inputs_train_the_same_model_as_text(tmp_path):
+    """Every format shard.py reads trains the tokenizer too (the data layer reads them)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    docs = _documents(0, 120_000)
+    half = len(docs) // 2
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    # several row groups, and a second column that is not the text
+    pq.write_table(pa.table({"body": docs[:half], "n": list(range(half))}),
+                   other_dir / "a.parquet", row_group_size=3)
+    lines = "".join(json.dumps({"body": doc}) + "\n" for doc in docs[half:]).encode()
+    (other_dir / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    run_cli("--input", other_dir, "--vocab-size", VOCAB, "--text-key", "body",
+            "--output", tmp_path / "from_other")
+    assert _model_from_text(tmp_path, docs) == (tmp_path / "from_other.model").read_bytes()
+    card = json.loads((tmp_path / "from_other.json").read_text())
+    assert card["corpus"]["documents"] == len(docs)
+    assert [Path(i["path"]).name for i in card["inputs"]] == ["a.parquet", "b.jsonl.zst"]
+    assert [i["sha256"] for i in card["inputs"]] == [file_sha256(other_dir / "a.parquet"),
+                                                    file_sha256(other_dir / "b.jsonl.zst")]
+    bad = run_cli("--input", other_dir / "a.parquet", "--vocab-size", VOCAB, "--output",
+                  tmp_path / "x", check=False)  # the default --text-key: no such column
+    assert bad.returncode == 2 and "a.parquet: no column 'text' (columns: body, n)" in bad.stderr
 
 
 # ---------------------------------------------------------------- bad input
@@ -329,7 +365,7 @@ def _bad_cases(tmp: Path) -> dict:
     return {
         "missing file": (["--input", tmp / "nope.txt", "--vocab-size", VOCAB, *out], ["nope.txt"]),
         "unsupported extension": (["--input", tmp / "data.csv", "--vocab-size", VOCAB, *out],
-                                  ["data.csv", ".txt, .jsonl, .jsonl.gz"]),
+                                  ["data.csv", ".txt, .jsonl", ".parquet"]),
         "missing text key": (["--input", tmp / "records.jsonl", "--vocab-size", VOCAB, *out],
                              ["records.jsonl line 3", "'text'", "--text-key"]),
         "invalid json": (["--input", tmp / "broken.jsonl", "--vocab-size", VOCAB, *out],
