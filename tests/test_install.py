@@ -61,9 +61,6 @@ def test_every_imported_package_is_declared():
     assert not missing, f"imported but not declared in pyproject.toml: {sorted(missing)}"
 
 
-@pytest.mark.install
-
-
 def _run(cmd: list[str], cwd: Path, env: dict | None = None, expect: int = 0, timeout=300):
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == expect, (f"{cmd[0]} exited {proc.returncode}:\n"
@@ -93,8 +90,11 @@ def venv(tmp_path_factory) -> Path:
     site = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                 cwd=root).stdout.strip()
     Path(site, "_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    _run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-         cwd=root)
+    # --ignore-installed: the dependencies' directory holds this checkout's editable
+    # `pretrain` dist-info, which pip may otherwise take as "already satisfied".
+    installed = _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index",
+                      "--ignore-installed", str(wheel)], cwd=root)
+    assert (Path(site) / "pretrain" / "__init__.py").is_file(), installed.stdout + installed.stderr
     return env_dir
 
 
