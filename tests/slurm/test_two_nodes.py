@@ -30,8 +30,9 @@ TWO_NODES = ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-pe
 STEPS = 40  # the requeue test's run: long enough that its stop signal lands mid-run
 
 
-def _ranks_by_node() -> dict[str, list[int]]:
-    """SLURM_PROCID of the training processes running in each node's namespace."""
+def _ranks_by_node(restart: int = 0) -> dict[str, list[int]]:
+    """SLURM_PROCID of the training processes running in each node's namespace, of the
+    job's `restart`-th start (SLURM_RESTART_COUNT; absent before the first requeue)."""
     placed = {}
     for node in cluster.NODES:
         ranks = []
@@ -42,14 +43,17 @@ def _ranks_by_node() -> dict[str, list[int]]:
                 env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             except (FileNotFoundError, ProcessLookupError):
                 continue
+            restarts = [int(v.split(b"=")[1]) for v in env if v.startswith(b"SLURM_RESTART_COUNT=")]
+            if (restarts[0] if restarts else 0) != restart:
+                continue
             ranks += [int(v.split(b"=")[1]) for v in env if v.startswith(b"SLURM_PROCID=")]
         placed[node] = sorted(ranks)
     return placed
 
 
-def _wait_for_placement(expected: dict, timeout: float = 60) -> None:
+def _wait_for_placement(expected: dict, timeout: float = 60, restart: int = 0) -> None:
     deadline = time.monotonic() + timeout
-    while (placed := _ranks_by_node()) != expected and time.monotonic() < deadline:
+    while (placed := _ranks_by_node(restart)) != expected and time.monotonic() < deadline:
         time.sleep(0.5)
     assert placed == expected, f"ranks by node: {placed}, expected {expected}"
 
@@ -85,9 +89,11 @@ def test_tp_in_node_dp_across_nodes_requeues_on_both(slurm_two_nodes, tmp_path):
     # Early in the run: a signal that arrives after the last step finds ranks already exiting.
     wait_for_step(run_dir, 2)
     slurm.run("scancel", "--batch", "--signal=USR1", str(job))
-    # The requeued job starts again once its old credential expired (cred_expire, 10 s).
+    # The requeued job starts again once its old credential expired (cred_expire, 10 s), on
+    # the same placement. Watched from the signal on: the restarted ranks may finish their
+    # last steps before their log shows the resume.
+    _wait_for_placement({"node1": [0, 1], "node2": [2, 3]}, timeout=180, restart=1)
     _wait_for_text(run_dir / "logs" / f"job{job}.restart1.rank0.log", "resumed from")
-    _wait_for_placement({"node1": [0, 1], "node2": [2, 3]})
     info = slurm.wait(job, DONE, timeout=300)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", \
         (tmp_path / "job.out").read_text()
