@@ -153,7 +153,6 @@ class Checkpointer:
         _start_results_queue()
         mode = cfg.checkpoint.async_save
         self.async_queue, self.staging = None, None
-        self.last_stall_s: float | None = None  # the last async save's time on the training path
         if mode == "on" or (mode == "auto" and torch.cuda.is_available()):
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
@@ -287,7 +286,6 @@ class Checkpointer:
         done = time.perf_counter()
         # The stall, split so a slow save says where it went (the writer's own time is in
         # the "saved ... in" line when it is published).
-        self.last_stall_s = done - started
         log(f"checkpoint: step {step} handed to a background writer after {done - started:.2f} s "
             f"(previous save {waited - started:.2f} s, copy of "
             f"{self.staging.nbytes / 2**30:.2f} GiB to host {copied - waited:.2f} s, "

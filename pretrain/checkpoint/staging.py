@@ -34,9 +34,11 @@ class HostStaging:
         `synchronize()`."""
         buffer = self.buffers.get(key)
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            if buffer is not None:
+                self._ids.discard(id(buffer))
             buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.pin)
             self.buffers[key] = buffer
-            self._ids = {id(b) for b in self.buffers.values()}
+            self._ids.add(id(buffer))
         buffer.copy_(tensor.detach(), non_blocking=self.pin)
         return buffer
 

@@ -84,10 +84,6 @@ def install(backend: str | None = None) -> None:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
 
 
-def installed() -> bool:
-    return _state["backend"] is not None
-
-
 def uninstall() -> None:
     """Back to eager (tests)."""
     from megatron.core.models.common.embeddings import rope_utils
