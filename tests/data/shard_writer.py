@@ -19,9 +19,12 @@ def sample_tokens(key: int, seq_len: int, salt: int = 0) -> np.ndarray:
 
 def write_dataset(root: Path, seq_len: int, shard_sizes: list[int], split: str = "train",
                   tokenizer_sha: str = "tok-a", salt: int = 0, doc_starts=None,
-                  extra_splits: dict | None = None, text_bytes: dict | None = None) -> Path:
+                  extra_splits: dict | None = None, text_bytes: dict | None = None,
+                  samples: np.ndarray | None = None, vocab_size: int = 60000,
+                  eod_id: int = 3) -> Path:
     """`text_bytes`: {split: bytes} to record per split (bits-per-byte); None: the field is
-    absent, as in manifests written before shard.py recorded it."""
+    absent, as in manifests written before shard.py recorded it. `samples`: the [n, seq_len+1]
+    tokens of the split's samples in key order (default: `sample_tokens`)."""
     root.mkdir(parents=True, exist_ok=True)
     splits = {}
     for name, sizes in {split: shard_sizes, **(extra_splits or {})}.items():
@@ -31,7 +34,8 @@ def write_dataset(root: Path, seq_len: int, shard_sizes: list[int], split: str =
             with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for k in range(key, key + count):
                     members = {
-                        "tokens": sample_tokens(k, seq_len, salt).astype("<u2").tobytes(),
+                        "tokens": (sample_tokens(k, seq_len, salt) if samples is None
+                                   else samples[k]).astype("<u2").tobytes(),
                         "doc_starts": np.array((doc_starts or {}).get(k, []), dtype="<u4").tobytes(),
                     }
                     for ext in sorted(members):
@@ -49,8 +53,8 @@ def write_dataset(root: Path, seq_len: int, shard_sizes: list[int], split: str =
         if text_bytes is not None:
             splits[name]["text_bytes"] = text_bytes[name]
     manifest = {"format": "pretrain-shards", "format_version": 1, "seq_len": seq_len,
-                "token_dtype": "uint16", "eod_id": 3,
-                "tokenizer": {"sha256": tokenizer_sha, "vocab_size": 60000, "path": None},
+                "token_dtype": "uint16", "eod_id": eod_id,
+                "tokenizer": {"sha256": tokenizer_sha, "vocab_size": vocab_size, "path": None},
                 "splits": splits}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
