@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pretrain.config import load_config  # noqa: E402
 from pretrain.data.loader import BlendedLoader  # noqa: E402
 from pretrain.data.sources import ShardSource  # noqa: E402
-from pretrain.estimate import parameter_counts  # noqa: E402
+from pretrain.model.estimate import parameter_counts  # noqa: E402
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, H100 SXM
 MFU = 0.45

@@ -27,7 +27,7 @@ from tqdm import tqdm
 if __name__ == "__main__" and not __package__:  # run as a file in a checkout:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, as `-m` has it
 
-from pretrain.data import formats  # noqa: E402
+from pretrain.data import formats, tokenizers  # noqa: E402
 
 MEMBER_RE = re.compile(r"^(\d{10})\.(doc_starts|tokens)$")
 MAX_PROBLEMS = 5  # per shard: the first few say what is wrong, the rest is noise
@@ -213,9 +213,9 @@ def _decode(manifest: dict, samples: dict[int, np.ndarray], tokenizer: str | Non
         print(f"note: tokenizer {path} not found; pass --tokenizer to decode samples", file=out)
         return
     try:
-        processor = formats.TextTokenizer(
-            formats.open_tokenizer(path, sha256=manifest["tokenizer"].get("sha256")))
-    except formats.TokenizerError as err:
+        processor = tokenizers.TextTokenizer(
+            tokenizers.open_tokenizer(path, sha256=manifest["tokenizer"].get("sha256")))
+    except tokenizers.TokenizerError as err:
         print(f"note: {err}: {path} is not the tokenizer of this dataset; not decoding with it",
               file=out)
         return

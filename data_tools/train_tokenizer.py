@@ -48,9 +48,10 @@ if __name__ == "__main__" and not __package__:  # run as a file in a checkout:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, as `-m` has it
 
 from data_tools.shard_lib.clean import is_binary, is_binary_file, repair_utf8  # noqa: E402
-from pretrain.data.formats import (CARD_FORMAT, CARD_VERSION, SPECIAL_IDS, BadRecord,  # noqa: E402
-                                   DataError, card_path, decompress, file_format, find_inputs,
-                                   json_text, open_tokenizer, parquet_row_groups, parquet_texts)
+from pretrain.data.formats import (BadRecord, DataError, decompress, file_format,  # noqa: E402
+                                   find_inputs, json_text, parquet_row_groups, parquet_texts)
+from pretrain.data.tokenizers import (CARD_FORMAT, CARD_VERSION, SPECIAL_IDS,  # noqa: E402
+                                      card_path, open_tokenizer)
 from pretrain.files import file_sha256, write_atomic  # noqa: E402
 
 MAX_SENTENCE_BYTES = 4192  # sentencepiece's max_sentence_length default, passed explicitly

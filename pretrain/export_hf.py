@@ -11,24 +11,12 @@ never leaves a directory that looks finished. Exit status 2 with one line on bad
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 from pretrain.checkpoint.store import CheckpointError
-from pretrain.checkpoint.weights import CheckpointWeights, read_weights
-from pretrain.files import file_sha256, fsync_dir, fsync_tree, temp_path
+from pretrain.hf.export import DTYPES, export
 from pretrain.log import quiet_library_warnings
-from pretrain.hf_convert import check_llama_compatible, llama_config, to_hf
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Test hook: "PREFIX" makes the export die (SIGKILL) right after writing the first file whose
-# name starts with PREFIX, so the interruption test stops a real export at a real point.
-FAULT_ENV = "PRETRAIN_TEST_EXPORT_KILL_AFTER"
 
 
 def parse_args(argv=None):
@@ -45,120 +33,6 @@ def parse_args(argv=None):
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the sha256 check of the checkpoint's files")
     return parser.parse_args(argv)
-
-
-def _fault(name: str) -> None:
-    prefix = os.environ.get(FAULT_ENV)
-    if prefix and name.startswith(prefix):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def check_output(output: Path) -> None:
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise CheckpointError(f"--output {output}: exists and is not an empty directory; "
-                              f"choose a new path (an export never overwrites)")
-
-
-def find_tokenizer(weights: CheckpointWeights, given: str | None) -> Path | None:
-    """The sentencepiece model the checkpoint's data was tokenized with, checked by sha256.
-    None for the built-in byte-level corpus, which has no sentencepiece model."""
-    want = weights.train_state["tokenizer"]["sha256"]
-    if given is None and want == "byte-level":
-        return None
-    candidates = [given] if given else []
-    cfg_data = weights.train_state["config"].get("data", {})
-    if not given:
-        candidates.append(cfg_data.get("tokenizer") or None)
-        for item in cfg_data.get("train", []):
-            manifest = Path(item["path"]) / "manifest.json"
-            try:
-                candidates.append(json.loads(manifest.read_text())["tokenizer"].get("path"))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                continue  # not a local, readable manifest: --tokenizer names the file then
-    for candidate in filter(None, candidates):
-        path = Path(candidate)
-        if not path.is_file():
-            if given:
-                raise CheckpointError(f"--tokenizer {given}: no such file")
-            continue
-        digest = file_sha256(path)
-        if digest != want:
-            raise CheckpointError(f"tokenizer {path} has sha256 {digest[:12]}, but {weights.path} "
-                                  f"was trained on data tokenized with {want[:12]}; pass the "
-                                  f"right PREFIX.model with --tokenizer")
-        return path
-    raise CheckpointError(f"{weights.path}: the tokenizer its data was made with (sha256 "
-                          f"{want[:12]}) is not found from the run's config or manifest; pass "
-                          f"--tokenizer PREFIX.model")
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_bytes: int) -> list[str]:
-    """model.safetensors, or model-0000i-of-0000n.safetensors + index above max_bytes."""
-    from safetensors.torch import save_file
-
-    shards, current, size = [], {}, 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = tensor
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-        return ["model.safetensors"]
-    names, weight_map = [], {}
-    for index, shard in enumerate(shards, start=1):
-        name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
-        _fault(name)
-        names.append(name)
-        weight_map.update({key: name for key in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return names + ["model.safetensors.index.json"]
-
-
-def export(checkpoint: str, output: Path, tokenizer: str | None = None, dtype: str = "float32",
-           max_shard_size: int = 5 * 2**30, verify: bool = True) -> CheckpointWeights:
-    from pretrain.hf_tokenizer import write_tokenizer
-
-    check_output(output)
-    for leftover in output.parent.glob(f".{output.name}.tmp-*"):  # a killed export's remains
-        shutil.rmtree(leftover, ignore_errors=True)
-    weights = read_weights(checkpoint, verify=verify)
-    model = weights.model_config
-    check_llama_compatible(model, str(weights.path))
-    tokenizer_path = find_tokenizer(weights, tokenizer)
-    staging = temp_path(output)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        special_ids = {}
-        if tokenizer_path is not None:
-            special_ids = write_tokenizer(tokenizer_path, staging, model["max_seq_length"])
-        tensors = {name: t.to(DTYPES[dtype]) for name, t in
-                   to_hf(weights.state, model, weights.vocab_size).items()}
-        write_safetensors(tensors, staging, max_shard_size)
-        config = llama_config(model, weights.vocab_size, special_ids, dtype)
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        generation = {"bos_token_id": special_ids.get("bos"), "eos_token_id": special_ids.get("eos"),
-                      "pad_token_id": special_ids.get("pad")}
-        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        _fault("config.json")
-        fsync_tree(staging)
-        if output.exists():
-            output.rmdir()  # empty, checked above
-        os.rename(staging, output)
-        fsync_dir(output.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return weights
 
 
 def main(argv=None) -> int:

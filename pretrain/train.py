@@ -34,11 +34,11 @@ from pretrain.config import (Config, ConfigError, Layout, check_run_dir, load_co
                              validate)
 from pretrain.data.build import build_loaders, build_tokenizer, open_data
 from pretrain.data.sources import DataError
-from pretrain.estimate import describe
-from pretrain.guards import PeerStopped, TrainingHalted
+from pretrain.model.estimate import describe
+from pretrain.trainer.guards import PeerStopped, TrainingHalted
 from pretrain.model.spec import choose_backend
 from pretrain.parallel import cpu, deepspeed_user, dist as pdist
-from pretrain.trackers import check_wandb
+from pretrain.trainer.trackers import check_wandb
 
 
 def parse_args(argv=None):
@@ -126,12 +126,12 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
 
     from pretrain.checkpoint.manager import Checkpointer
     from pretrain.checkpoint.parts import training_parts
-    from pretrain.hooks import build_hooks
+    from pretrain.trainer.hooks import build_hooks
     from pretrain.model.gpt import build_model_chunks
-    from pretrain.optim import build_optimizer, build_scheduler
+    from pretrain.trainer.optim import build_optimizer, build_scheduler
     from pretrain.parallel.schedule import ModelChunks, proxies
     from pretrain.parallel.zero import build_engine, deepspeed_config
-    from pretrain.trainer import Trainer, TrainState
+    from pretrain.trainer.loop import Trainer, TrainState
 
     run_dir = Path(cfg.run.dir)
     if is_rank0():
@@ -259,7 +259,7 @@ def main(argv=None) -> int:
 
 
 def _sample(built: Built, tokenizer) -> None:
-    from pretrain.generate import sample
+    from pretrain.model.generate import sample
     from pretrain.parallel.schedule import proxies
 
     cfg = built.cfg

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.config import validate
-from pretrain.estimate import rank_parameter_list, memory_per_rank, parameter_counts, rank_parameters
+from pretrain.model.estimate import rank_parameter_list, memory_per_rank, parameter_counts, rank_parameters
 from pretrain.model.gpt import count_parameters
 
 VOCAB = 257
@@ -159,8 +159,8 @@ def test_1b_flops_per_token_and_mfu_by_hand():
     import torch
 
     from pretrain.config import load_config
-    from pretrain.estimate import flops_per_token, peak_tflops
-    from pretrain.trainer import Throughput
+    from pretrain.model.estimate import flops_per_token, peak_tflops
+    from pretrain.trainer.loop import Throughput
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "pretrain_1b.yaml",
                       ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1",

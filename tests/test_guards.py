@@ -9,7 +9,7 @@ import math
 import pytest
 
 from pretrain.config import ConfigError, load_config, validate
-from pretrain.guards import EXIT_HUNG, LossSpikes, NonFiniteGuard, Watchdog
+from pretrain.trainer.guards import EXIT_HUNG, LossSpikes, NonFiniteGuard, Watchdog
 from tests.launch_helpers import REPO, read_metrics, run_training
 
 pytestmark = pytest.mark.multiprocess

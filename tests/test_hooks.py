@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.config import ConfigError, load_config, validate
-from pretrain.hooks import ConsoleLine, Hook, Hooks, MetricsWriter, format_duration, scalar_items
+from pretrain.trainer.hooks import ConsoleLine, Hook, Hooks, MetricsWriter, format_duration, scalar_items
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pretrain.config import OptimConfig
-from pretrain.optim import build_optimizer, build_scheduler, lr_at
+from pretrain.trainer.optim import build_optimizer, build_scheduler, lr_at
 
 TOTAL = 100
 

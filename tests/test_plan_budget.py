@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pretrain.config import load_config, validate
-from pretrain.estimate import flops_per_token, memory_per_rank
+from pretrain.model.estimate import flops_per_token, memory_per_rank
 from pretrain.plan.budget import MEMORY_HEADROOM, MEASURED_MFU, make_plan
 from pretrain.plan.law import PUBLISHED
 from pretrain.plan.runs import PlanError, matmul_parameters

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pretrain.estimate import parameter_counts
+from pretrain.model.estimate import parameter_counts
 from pretrain.model.layers import SinusoidalPositionEmbedding
 
 

@@ -33,8 +33,8 @@ from data_tools.shard_lib.pack import ShardCounter, SplitWriter, default_shard_s
 from data_tools.shard_lib import replace
 from data_tools.shard_lib.tokenize import TokenizeWorker, token_dtype
 from pretrain.data import formats
-from pretrain.data.formats import TokenizerError, is_hf_tokenizer
-from pretrain.hf_tokenizer import EOS_CANDIDATES
+from pretrain.data import tokenizers
+from pretrain.data.tokenizers import EOS_CANDIDATES, TokenizerError, is_hf_tokenizer
 from pretrain.reaper import start_reaper
 
 NORMALIZATION = "ascii-whitespace-collapsed, stripped; blake2b-128"
@@ -100,7 +100,7 @@ def load_tokenizer(path: str) -> Tokenizer:
         raise ShardError(f"--tokenizer {path}: no such file; pass the PREFIX.model written by "
                          f"data_tools/train_tokenizer.py (or a Hugging Face tokenizer.json)")
     try:
-        processor, _card, sha256 = formats.load_tokenizer(path)
+        processor, _card, sha256 = tokenizers.load_tokenizer(path)
     except TokenizerError as err:
         raise ShardError(f"--tokenizer {err}") from None
     if processor.eos_id() < 0 and is_hf_tokenizer(path):

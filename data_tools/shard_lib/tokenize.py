@@ -74,7 +74,7 @@ class TokenizeWorker:
 
     def __init__(self, model_path: str, model_sha256: str, chunk_bytes: int, eod_id: int):
         os.environ["OMP_NUM_THREADS"] = "1"
-        from pretrain.data.formats import TokenizerError, open_tokenizer
+        from pretrain.data.tokenizers import TokenizerError, open_tokenizer
 
         # The path, not the model bytes: constructor arguments that large go through the
         # object store, which Ray warns about for restartable actors. Inputs and output must be

@@ -38,7 +38,7 @@ from megatron.core.dist_checkpointing.serialization import get_default_save_shar
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelSaveStrategyWrapper)
 
-from pretrain import hf_import
+from pretrain.hf import importer as hf_import
 from pretrain.checkpoint import optimizer_state, store, weights
 from pretrain.checkpoint.parts import Stateful
 from pretrain.checkpoint.staging import HostStaging

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from pretrain.config import Config
-from pretrain.data.formats import TextTokenizer, TokenizerError, open_tokenizer
+from pretrain.data.tokenizers import TextTokenizer, TokenizerError, open_tokenizer
 from pretrain.data.loader import BlendedLoader
 from pretrain.data.sources import DataError, open_source
 

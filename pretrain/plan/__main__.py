@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from pretrain.files import write_atomic
-from pretrain.estimate import describe, peak_tflops
+from pretrain.model.estimate import describe, peak_tflops
 from pretrain.plan.budget import MEASURED_MFU, GPUS_PER_NODE, gpu_memory_gib, make_plan
 from pretrain.plan.law import DEFAULT_LAW, PUBLISHED, ScalingLaw, bootstrap, fit_law
 from pretrain.plan.runs import PlanError, read_ladder
@@ -75,7 +75,7 @@ def cmd_budget(args) -> int:
         raise PlanError(f"--gpu {args.gpu}: memory size unknown; pass --gpu-memory GIB")
     if peak_tflops(args.gpu.upper()) is None:
         raise PlanError(f"--gpu {args.gpu}: peak bf16 TFLOP/s unknown; name one of H100, H200, "
-                        f"A100, B200, MI300X, ... (pretrain/estimate.py PEAK_BF16_TFLOPS)")
+                        f"A100, B200, MI300X, ... (pretrain/model/estimate.py PEAK_BF16_TFLOPS)")
     if not 0 < args.mfu <= 1:
         raise PlanError(f"--mfu {args.mfu} must be a fraction in (0, 1], e.g. {MEASURED_MFU}")
     flops = args.flops

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from pretrain.config import Config, ConfigError, validate
-from pretrain.estimate import flops_per_token, memory_per_rank, peak_tflops
+from pretrain.model.estimate import flops_per_token, memory_per_rank, peak_tflops
 from pretrain.plan.law import ScalingLaw
 from pretrain.plan.runs import PlanError, matmul_parameters
 

@@ -2,7 +2,7 @@
 approach-3 fit (Huber on log loss, L-BFGS from a grid) with bootstrap intervals, optima.
 
 N counts the parameters that take part in matrix multiplies (what 6N in
-pretrain.estimate.flops_per_token counts), D the training tokens, C = 6 N D.
+pretrain.model.estimate.flops_per_token counts), D the training tokens, C = 6 N D.
 """
 
 from __future__ import annotations

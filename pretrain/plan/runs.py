@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pretrain.checkpoint.store import CheckpointDir
 from pretrain.config import ConfigError, load_config
-from pretrain.estimate import parameter_counts
+from pretrain.model.estimate import parameter_counts
 
 MIN_RUNS = 3  # E, A, B, alpha, beta: fewer distinct runs leave the law undetermined
 
@@ -29,7 +29,7 @@ class LadderRun:
 
 
 def matmul_parameters(cfg, vocab_size: int) -> float:
-    """N as pretrain.estimate.flops_per_token counts it: layers, final norm, output matrix."""
+    """N as pretrain.model.estimate.flops_per_token counts it: layers, final norm, output matrix."""
     counts = parameter_counts(cfg, vocab_size)
     return float(counts["non_embedding"] + counts["padded_vocab_size"] * cfg.model.hidden_size)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from data_tools.train_tokenizer import MAX_SENTENCE_BYTES, ReservoirSampler, split_long_line
-from pretrain.data.formats import TokenizerError, load_tokenizer
+from pretrain.data.tokenizers import TokenizerError, load_tokenizer
 from pretrain.files import file_sha256, write_atomic
 
 REPO = Path(__file__).resolve().parents[2]

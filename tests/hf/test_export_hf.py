@@ -57,7 +57,7 @@ def test_greedy_generation_equals_ours(trained_run, exported, spm_data, single_r
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pretrain.checkpoint.weights import read_weights
-    from pretrain.generate import sample
+    from pretrain.model.generate import sample
 
     weights = read_weights(trained_run("tp2_pp2"))
     out = exported("tp2_pp2")
@@ -124,7 +124,7 @@ def test_bad_input_is_one_line(trained_run, tmp_path):
                                             ("activation", "gelu"), ("bias", True)])
 def test_variants_without_a_llama_equivalent_are_refused(setting, value):
     from pretrain.checkpoint.store import CheckpointError
-    from pretrain.hf_convert import check_llama_compatible
+    from pretrain.hf.convert import check_llama_compatible
 
     model = {"position_embedding": "rope", "normalization": "rmsnorm", "activation": "swiglu",
              "bias": False}

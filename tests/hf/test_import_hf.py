@@ -95,7 +95,7 @@ def test_each_misfit_names_its_field(override, edit, message, tmp_path):
     """The same checks in process, one per field (the CLI path is shown once above)."""
     from pretrain.checkpoint.store import CheckpointError
     from pretrain.config import load_config, validate
-    from pretrain.hf_import import load_state
+    from pretrain.hf.importer import load_state
     from tests.conftest import SMOKE
 
     make_llama(tmp_path / "hf", tie=True, seed=1)
@@ -112,7 +112,7 @@ def test_data_tokenizer_larger_than_the_model_vocabulary(tmp_path):
     rows would index past its embedding: refused, naming both sizes."""
     from pretrain.checkpoint.store import CheckpointError
     from pretrain.config import load_config
-    from pretrain.hf_import import load_state
+    from pretrain.hf.importer import load_state
     from tests.conftest import SMOKE
 
     make_llama(tmp_path / "hf", tie=True, seed=1)

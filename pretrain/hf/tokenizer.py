@@ -13,11 +13,9 @@ import json
 from pathlib import Path
 
 from pretrain.checkpoint.store import CheckpointError
+from pretrain.data.tokenizers import EOS_CANDIDATES
 
 SPACE = "\u2581"  # sentencepiece's visible space
-# Names the end-of-text token goes by in tokenizer.json files, when no tokenizer_config.json
-# beside the file says (shard.py appends it after every document).
-EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 

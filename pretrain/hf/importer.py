@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pretrain.checkpoint.store import CheckpointError
-from pretrain.hf_convert import check_llama_compatible, from_hf
+from pretrain.hf.convert import check_llama_compatible, from_hf
 
 PREFIX = "hf:"
 

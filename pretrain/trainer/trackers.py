@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 from pretrain.config import Config, ConfigError
 from pretrain.files import write_atomic
-from pretrain.hooks import Hook, scalar_items
+from pretrain.trainer.hooks import Hook, scalar_items
 from pretrain.log import is_rank0, log
 
 WANDB_ID_FILE = "wandb_run_id"

@@ -165,12 +165,12 @@ def build_hooks(cfg, run_dir: Path) -> Hooks:
     t = cfg.train
     hooks: list[Hook] = [ConsoleLine(t.steps, t.exit_at_step or t.steps), MetricsWriter(run_dir)]
     if cfg.logging.tensorboard:
-        from pretrain.trackers import TensorBoardWriter
+        from pretrain.trainer.trackers import TensorBoardWriter
 
         hooks.append(TensorBoardWriter(run_dir / "tensorboard"))
     w = cfg.logging.wandb
     if w.project and w.mode != "disabled":
-        from pretrain.trackers import WandbRun
+        from pretrain.trainer.trackers import WandbRun
 
         hooks.append(WandbRun(cfg, run_dir))
     return Hooks(hooks)
