@@ -126,11 +126,12 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
 
     from pretrain.checkpoint.manager import Checkpointer
     from pretrain.checkpoint.parts import training_parts
-    from pretrain.trainer.hooks import build_hooks
+    from pretrain.trainer.trackers import build_hooks
     from pretrain.model.gpt import build_model_chunks
     from pretrain.trainer.optim import build_optimizer, build_scheduler
     from pretrain.parallel.schedule import ModelChunks, proxies
-    from pretrain.parallel.zero import build_engine, deepspeed_config
+    from pretrain.parallel.deepspeed_user import deepspeed_config
+    from pretrain.parallel.zero import build_engine
     from pretrain.trainer.loop import Trainer, TrainState
 
     run_dir = Path(cfg.run.dir)

@@ -10,7 +10,7 @@ import pytest
 
 from pretrain.config import load_config
 from pretrain.parallel import deepspeed_user
-from pretrain.parallel.zero import deepspeed_config
+from pretrain.parallel.deepspeed_user import deepspeed_config
 from tests.test_config import SMOKE, _error, _train
 
 OFFLOAD = "parallel.deepspeed={zero_optimization: {offload_optimizer: {device: cpu}}}"

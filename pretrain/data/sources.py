@@ -12,8 +12,6 @@ import hashlib
 import io
 import os
 import shlex
-import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,12 +20,8 @@ import numpy as np
 # from here on as well.
 from pretrain.data.formats import MANIFEST, DataError, check_shard_names, parse_manifest
 from pretrain.data.formats import RESHARD as RESHARD_HINT
-# Remote reads (URL, `pipe:`) are retried: READ_ATTEMPTS tries, waiting RETRY_BASE_S, then
-# twice as long each time (capped at RETRY_MAX_S), before the failure becomes a DataError.
-READ_ATTEMPTS = 4
-RETRY_BASE_S = 2.0
-RETRY_MAX_S = 30.0
-MISSING = -1  # the size of a shard that is not there (start-up check)
+from pretrain.data import remote
+from pretrain.data.remote import MISSING, READ_ATTEMPTS, wait_before_retry
 
 
 @dataclass
@@ -70,16 +64,6 @@ def _read_url(url: str) -> bytes:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         wait_before_retry(url, "reading", attempt, attempts, reason)
     raise DataError(f"{url}: cannot read after {attempts} attempt(s) ({reason[:300]})")
-
-
-def wait_before_retry(url: str, verb: str, attempt: int, attempts: int, reason: str) -> None:
-    """After failed attempt `attempt` at a remote object: log it and wait with exponential
-    backoff, unless it was the last."""
-    if attempt < attempts:
-        delay = min(RETRY_BASE_S * 2 ** (attempt - 1), RETRY_MAX_S)
-        print(f"warning: data: {verb} {url} failed ({reason[:200]}); attempt {attempt + 1} "
-              f"of {attempts} in {delay:g} s", file=sys.stderr, flush=True)
-        time.sleep(delay)
 
 
 def _local_size(path: str) -> int:
@@ -152,14 +136,12 @@ class ShardSource:
         for a local directory or an http(s) URL, every shard present with its recorded size:
         a missing shard fails at start-up, not when the loader reaches it hours later. A
         `pipe:` command cannot be checked without running it: its shards are found when read."""
-        from pretrain.data import url_check
-
         check_shard_names(self.shards, self.split, self.manifest_url)
         urls = [_url_for(self.path, meta["name"]) for meta in self.shards]
         if _is_local(self.path):
             sizes = [_local_size(url) for url in urls]
-        elif url_check.is_http(urls[0]):
-            sizes = url_check.shard_sizes(urls)  # None where the server gives no size
+        elif remote.is_http(urls[0]):
+            sizes = remote.shard_sizes(urls)  # None where the server gives no size
         else:
             return
         missing, wrong = [], []

@@ -1,5 +1,6 @@
-"""The user's DeepSpeed keys (`parallel.deepspeed`): refused where our batch, precision and
-optimizer contract owns them, merged over our defaults, and checked by DeepSpeed's own parser.
+"""The DeepSpeed config of a run: ours (`deepspeed_config`), with the user's keys
+(`parallel.deepspeed`) refused where our batch, precision and optimizer contract owns them,
+merged over our defaults, and checked by DeepSpeed's own parser.
 
 Checked before any process group exists (train.py), so a typo is one line and exit 2, not
 a traceback from inside `deepspeed.initialize` on every rank.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from pretrain.config import ConfigError, deep_merge
+from pretrain.parallel import REDUCE_BUCKET_ELEMENTS
 
 # Keys this project sets from its own config, with the reason and the key to use instead.
 # The schedule owns the micro-batch loop and calls autograd itself (zero.py), checkpoints
@@ -114,10 +116,39 @@ class _DataParallelSize:
         return self.size
 
 
+def deepspeed_config(zero_stage: int, micro_batch_size: int, grad_clip: float, bf16: bool,
+                     user: dict | None = None) -> dict:
+    """Our DeepSpeed config, with the user's `parallel.deepspeed` keys merged over it (keys
+    the schedule/ZeRO contract of zero.py owns are refused: `refuse_owned`)."""
+    if user:
+        refuse_owned(user, zero_stage)
+    zero = {"stage": zero_stage}
+    if zero_stage >= 1:
+        # Deterministic reductions: no overlapped bucketing races, contiguous gradient buffers.
+        # parallel.deepspeed may turn overlap_comm on and resize the buckets.
+        zero.update({"overlap_comm": False, "contiguous_gradients": True,
+                     "reduce_scatter": True, "allgather_partitions": True,
+                     "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS,
+                     "allgather_bucket_size": REDUCE_BUCKET_ELEMENTS})
+    if zero_stage == 3:
+        # Small models in tests: keep every parameter partitioned rather than persisted whole.
+        zero.update({"stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 1e9,
+                     "stage3_prefetch_bucket_size": REDUCE_BUCKET_ELEMENTS})
+    return merge({
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }, user or {})
+
+
 def check(cfg, data_parallel: int, bf16: bool) -> dict:
     """The DeepSpeed config this run will use, refused or checked as above (ConfigError)."""
-    from pretrain.parallel.zero import deepspeed_config
-
     user = cfg.parallel.deepspeed
     merged = deepspeed_config(cfg.parallel.zero_stage, cfg.train.micro_batch_size,
                               cfg.optim.grad_clip, bf16, user)

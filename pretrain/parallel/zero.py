@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
-from pretrain.parallel import REDUCE_BUCKET_ELEMENTS, deepspeed_user
 
 
 class MegatronMPU:
@@ -44,37 +43,6 @@ class MegatronMPU:
     def get_model_parallel_world_size() -> int:
         return (parallel_state.get_tensor_model_parallel_world_size()
                 * parallel_state.get_pipeline_model_parallel_world_size())
-
-
-def deepspeed_config(zero_stage: int, micro_batch_size: int, grad_clip: float, bf16: bool,
-                     user: dict | None = None) -> dict:
-    """Our DeepSpeed config, with the user's `parallel.deepspeed` keys merged over it (keys
-    the contract above owns are refused: parallel/deepspeed_user.py)."""
-    if user:
-        deepspeed_user.refuse_owned(user, zero_stage)
-    zero = {"stage": zero_stage}
-    if zero_stage >= 1:
-        # Deterministic reductions: no overlapped bucketing races, contiguous gradient buffers.
-        # parallel.deepspeed may turn overlap_comm on and resize the buckets.
-        zero.update({"overlap_comm": False, "contiguous_gradients": True,
-                     "reduce_scatter": True, "allgather_partitions": True,
-                     "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS,
-                     "allgather_bucket_size": REDUCE_BUCKET_ELEMENTS})
-    if zero_stage == 3:
-        # Small models in tests: keep every parameter partitioned rather than persisted whole.
-        zero.update({"stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 1e9,
-                     "stage3_prefetch_bucket_size": REDUCE_BUCKET_ELEMENTS})
-    return deepspeed_user.merge({
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": 1,
-        "managed_gradient_accumulation": False,
-        "gradient_clipping": grad_clip,
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": bf16},
-        "steps_per_print": 2**62,
-        "wall_clock_breakdown": False,
-    }, user or {})
 
 
 def clip_grad_norm(params, max_norm: float) -> float:

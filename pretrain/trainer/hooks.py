@@ -160,22 +160,6 @@ def scalar_items(record: dict):
             yield "train/" + key, value
 
 
-def build_hooks(cfg, run_dir: Path) -> Hooks:
-    """The hooks a run's config asks for: console and JSONL always, then the trackers."""
-    t = cfg.train
-    hooks: list[Hook] = [ConsoleLine(t.steps, t.exit_at_step or t.steps), MetricsWriter(run_dir)]
-    if cfg.logging.tensorboard:
-        from pretrain.trainer.trackers import TensorBoardWriter
-
-        hooks.append(TensorBoardWriter(run_dir / "tensorboard"))
-    w = cfg.logging.wandb
-    if w.project and w.mode != "disabled":
-        from pretrain.trainer.trackers import WandbRun
-
-        hooks.append(WandbRun(cfg, run_dir))
-    return Hooks(hooks)
-
-
 def perplexity(loss: float) -> float:
     """exp(loss), inf past float range instead of an OverflowError."""
     return math.exp(loss) if loss < 700 else math.inf

@@ -1,4 +1,5 @@
-"""Experiment trackers as loop hooks: TensorBoard event files and Weights & Biases runs.
+"""Experiment trackers as loop hooks: TensorBoard event files and Weights & Biases runs; and
+`build_hooks`, the hooks a run's config asks for (console and JSONL from hooks.py, then these).
 
 Both log every number of a step's record (train/* and val/* tags) on rank 0. A resumed run
 continues where its checkpoint left off: TensorBoard purges the events after it, and W&B
@@ -17,7 +18,7 @@ from urllib.parse import urlparse
 
 from pretrain.config import Config, ConfigError
 from pretrain.files import write_atomic
-from pretrain.trainer.hooks import Hook, scalar_items
+from pretrain.trainer.hooks import ConsoleLine, Hook, Hooks, MetricsWriter, scalar_items
 from pretrain.log import is_rank0, log
 
 WANDB_ID_FILE = "wandb_run_id"
@@ -128,3 +129,15 @@ class WandbRun(Hook):
 
     def close(self) -> None:
         self.on_train_end(None, "error")
+
+
+def build_hooks(cfg, run_dir: Path) -> Hooks:
+    """The hooks a run's config asks for: console and JSONL always, then the trackers."""
+    t = cfg.train
+    hooks: list[Hook] = [ConsoleLine(t.steps, t.exit_at_step or t.steps), MetricsWriter(run_dir)]
+    if cfg.logging.tensorboard:
+        hooks.append(TensorBoardWriter(run_dir / "tensorboard"))
+    w = cfg.logging.wandb
+    if w.project and w.mode != "disabled":
+        hooks.append(WandbRun(cfg, run_dir))
+    return Hooks(hooks)

@@ -14,7 +14,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pretrain.data import sources
+from pretrain.data import remote, sources
 from pretrain.data.sources import DataError, ShardSource
 from tests.data.shard_writer import write_dataset
 
@@ -91,7 +91,7 @@ exec cat "{dataset}/$1"
 
 
 def test_pipe_read_fails_twice_then_works(dataset, tmp_path, monkeypatch, capfd):
-    monkeypatch.setattr(sources, "RETRY_BASE_S", 0.05)
+    monkeypatch.setattr(remote, "RETRY_BASE_S", 0.05)
     started = time.monotonic()
     source = ShardSource(_flaky_pipe(tmp_path, dataset, failures=2))
     assert source.load_shard(1).keys.tolist() == [5, 6, 7, 8]
@@ -102,7 +102,7 @@ def test_pipe_read_fails_twice_then_works(dataset, tmp_path, monkeypatch, capfd)
 
 
 def test_pipe_read_that_keeps_failing_is_one_data_error(dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "RETRY_BASE_S", 0.01)
+    monkeypatch.setattr(remote, "RETRY_BASE_S", 0.01)
     source = ShardSource(_flaky_pipe(tmp_path, dataset, failures=0))
     source.path = _flaky_pipe(tmp_path, dataset, failures=99)
     with pytest.raises(DataError, match=r"train-000000\.tar: cannot read after 4 attempt\(s\)"):
@@ -175,7 +175,7 @@ def test_http_shards_are_checked_at_start_up(dataset, served):
 
 
 def test_http_head_is_retried_like_reads(served, monkeypatch, capfd):
-    monkeypatch.setattr(sources, "RETRY_BASE_S", 0.01)
+    monkeypatch.setattr(remote, "RETRY_BASE_S", 0.01)
     url, flaky = served
     flaky["train-000001.tar"] = 2
     assert ShardSource(url).num_samples == 15
