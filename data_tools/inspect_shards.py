@@ -28,6 +28,7 @@ if __name__ == "__main__" and not __package__:  # run as a file in a checkout:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, as `-m` has it
 
 from pretrain.data import formats, tokenizers  # noqa: E402
+from pretrain.errors import EXIT_BAD_INPUT, UserError, report  # noqa: E402
 
 MEMBER_RE = re.compile(r"^(\d{10})\.(doc_starts|tokens)$")
 MAX_PROBLEMS = 5  # per shard: the first few say what is wrong, the rest is noise
@@ -36,7 +37,7 @@ MAX_PROBLEMS = 5  # per shard: the first few say what is wrong, the rest is nois
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 class ShardCheck:
@@ -244,16 +245,16 @@ def main(argv=None) -> int:
                         help="sentencepiece model to decode with (default: the manifest's path)")
     args = parser.parse_args(argv)
     directory = Path(args.directory)
-    if not directory.is_dir():
-        print(f"error: {directory} is not a directory; pass the --output of data_tools/shard.py",
-              file=sys.stderr)
-        return 2
-    if args.samples < 0:
-        print(f"error: --samples {args.samples} must be >= 0", file=sys.stderr)
-        return 2
-    if args.tokenizer and not os.path.isfile(args.tokenizer):
-        print(f"error: --tokenizer {args.tokenizer}: no such file", file=sys.stderr)
-        return 2
+    try:
+        if not directory.is_dir():
+            raise UserError(f"{directory} is not a directory; pass the --output of "
+                            f"data_tools/shard.py")
+        if args.samples < 0:
+            raise UserError(f"--samples {args.samples} must be >= 0")
+        if args.tokenizer and not os.path.isfile(args.tokenizer):
+            raise UserError(f"--tokenizer {args.tokenizer}: no such file")
+    except UserError as err:
+        return report(err)
     return inspect(directory, args.samples, args.tokenizer)
 
 

@@ -40,14 +40,14 @@ if __name__ == "__main__" and not __package__:  # run as a file in a checkout:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, as `-m` has it
 
 from data_tools.shard_lib.pipeline import TXT_MODES, Options, build  # noqa: E402
-from pretrain.data.formats import DataError  # noqa: E402
+from pretrain.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, UserError, report  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         # One line, like every other error of this tool (argparse prints usage + message).
         print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 def parse_args(argv=None) -> Options:
@@ -106,12 +106,11 @@ def main(argv=None) -> int:
     opts = parse_args(argv)
     try:
         build(opts)
-    except DataError as err:  # ShardError, and the data layer's input and tokenizer errors
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:  # ShardError, and the data layer's input and tokenizer errors
+        return report(err, label="error")
     except KeyboardInterrupt:
         print("error: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -52,6 +52,7 @@ from pretrain.data.formats import (BadRecord, DataError, decompress, file_format
                                    find_inputs, json_text, parquet_row_groups, parquet_texts)
 from pretrain.data.tokenizers import (CARD_FORMAT, CARD_VERSION, SPECIAL_IDS,  # noqa: E402
                                       card_path, open_tokenizer)
+from pretrain.errors import EXIT_BAD_INPUT, UserError, report  # noqa: E402
 from pretrain.files import file_sha256, write_atomic  # noqa: E402
 
 MAX_SENTENCE_BYTES = 4192  # sentencepiece's max_sentence_length default, passed explicitly
@@ -348,7 +349,7 @@ def train_model(sentences: list[str], options: dict, seed: int, args) -> bytes:
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, like every other input error of this tool
         print(f"error: {message}; see --help", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 def parse_args(argv=None):
@@ -412,9 +413,8 @@ def main(argv=None) -> int:
             print(f"training a {args.model_type} tokenizer on {len(sentences):,} sentences ...",
                   file=sys.stderr, flush=True)
         model = train_model(sentences, options, args.seed, args)
-    except DataError as err:  # InputError, and the data layer's input errors
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:  # InputError, and the data layer's input errors
+        return report(err, label="error")
     except RuntimeError as err:  # a sentencepiece failure not caused by a flag we know of
         print(f"error: sentencepiece training failed: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
@@ -429,9 +429,8 @@ def main(argv=None) -> int:
         card_file.unlink(missing_ok=True)
         write_atomic(model_path, model)
     except OSError as err:
-        print(f"error: cannot write {model_path} ({err.strerror or err}); check --output",
-              file=sys.stderr)
-        return 2
+        return report(UserError(f"cannot write {model_path} ({err.strerror or err}); check "
+                                f"--output"))
     sha256 = file_sha256(model_path)
     vocab_size = open_tokenizer(model_path, data=model).get_piece_size()
     card = {

@@ -18,6 +18,8 @@ import shutil
 import subprocess
 import sys
 
+from pretrain.errors import EXIT_BAD_INPUT
+
 PORT_BASE, PORT_SPAN = 20000, 20000  # job ports in [20000, 40000): below Linux's ephemeral range
 
 
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
     else:
         print("usage: python -m launch.env [master-addr|master-port|hostnames|describe]",
               file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     return 0
 
 

@@ -13,7 +13,8 @@ accelerators; node 0 compares and every node exits with its verdict:
   node's local disk is caught even without git);
 - every node must see --expect-gpus accelerators (0: no check).
 
-Exit 0 when all pass; otherwise 1, with one line per problem naming the node and the fix.
+Exit 0 when all pass; otherwise 3 (pretrain/errors.py EXIT_PREFLIGHT: the batch script stops
+without a requeue), node 0 printing one line that names each problem's node and the fix.
 The config, the data and the run directory are checked separately, on the batch node, by
 `python -m pretrain.train --dry-run --world-size N` (no accelerator needed).
 """
@@ -29,6 +30,8 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+
+from pretrain.errors import EXIT_PREFLIGHT, PreflightError, report
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("pretrain", "launch", "data_tools", "configs", "slurm")
@@ -73,10 +76,19 @@ def check_master_is_local(addr: str) -> str | None:
 
 
 def main(argv=None) -> int:
+    """0 when every node agrees; EXIT_PREFLIGHT (3) with one line on node 0 otherwise (the
+    other nodes exit 3 quietly: node 0 has said why)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--expect-gpus", type=int, default=0, help="accelerators per node (0: no check)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for every node")
     args = parser.parse_args(argv)
+    try:
+        return check_nodes(args)
+    except PreflightError as err:
+        return report(err)
+
+
+def check_nodes(args) -> int:
 
     from launch.env import master_addr, master_port
 
@@ -86,21 +98,17 @@ def main(argv=None) -> int:
     host = socket.gethostname()
     me = {"host": host, "revision": code_revision(), "gpus": visible_gpus()}
 
-    def fail(message: str) -> int:
-        print(f"preflight: {message}", file=sys.stderr, flush=True)
-        return 1
-
     if node == 0:
         problem = check_master_is_local(addr)
         if problem:
-            return fail(problem)
+            raise PreflightError(problem)
     from torch.distributed import TCPStore
 
     try:
         store = TCPStore(addr, port, world_size=nodes, is_master=(node == 0),
                          timeout=timedelta(seconds=args.timeout), wait_for_workers=False)
     except Exception as err:  # noqa: BLE001 - refused, timed out, unresolvable
-        return fail(f"node {node} ({host}) cannot reach MASTER_ADDR={addr} port {port} within "
+        raise PreflightError(f"node {node} ({host}) cannot reach MASTER_ADDR={addr} port {port} within "
                     f"{args.timeout:.0f} s ({str(err).splitlines()[0][:200]}); check that the "
                     f"name resolves to node 0 on a network every node can reach")
     store.set(f"node/{node}", json.dumps(me))
@@ -137,7 +145,9 @@ def main(argv=None) -> int:
         while int(store.add("done", 0)) < reported and time.monotonic() < deadline:
             time.sleep(0.05)
     if verdict:
-        return fail("; ".join(verdict)) if node == 0 else 1
+        if node == 0:
+            raise PreflightError("; ".join(verdict))
+        return EXIT_PREFLIGHT
     if node == 0:
         print(f"preflight: {nodes} node(s) ok: code {me['revision']}, {me['gpus']} GPU(s) on "
               f"node 0, rendezvous {addr}:{port - 1}", flush=True)

@@ -20,8 +20,7 @@ from typing import Any, Literal
 import yaml
 
 
-class ConfigError(ValueError):
-    """A configuration problem, stated as one line: the field, the value and the fix."""
+from pretrain.errors import ConfigError  # noqa: F401 - part of this module's interface
 
 
 @dataclass

@@ -22,9 +22,9 @@ from pretrain.log import is_rank0, log, quiet_library_warnings
 
 quiet_library_warnings()
 
-from pretrain.checkpoint.store import CheckpointError  # noqa: E402
 from pretrain.config import ConfigError, _apply, validate  # noqa: E402
-from pretrain.data.sources import DataError, open_source  # noqa: E402
+from pretrain.data.sources import open_source  # noqa: E402
+from pretrain.errors import DataError, UserError, report  # noqa: E402
 from pretrain.parallel import cpu, dist as pdist  # noqa: E402
 
 
@@ -140,11 +140,8 @@ def main(argv=None) -> int:
     env = pdist.detect_env()
     try:
         weights, cfg, layout, source, batches = setup(args, env.world_size)
-    except (ConfigError, DataError, CheckpointError) as err:
-        kind = {ConfigError: "config", DataError: "data"}.get(type(err), "checkpoint")
-        if env.rank == 0:
-            print(f"{kind} error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report(err, rank=env.rank)
     cpu.enable()
     pdist.init_process_group(env)
     p = cfg.parallel
@@ -156,10 +153,8 @@ def main(argv=None) -> int:
         f"{cfg.train.global_batch_size} x {cfg.train.seq_length} tokens")
     try:
         result = score(weights, cfg, layout, source, batches, device)
-    except CheckpointError as err:
-        if env.rank == 0:
-            print(f"checkpoint error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report(err, rank=env.rank)
     if is_rank0():
         line = json.dumps(result)
         print(line)

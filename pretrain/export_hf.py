@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pretrain.checkpoint.store import CheckpointError
+from pretrain.errors import UserError, report
 from pretrain.hf.export import DTYPES, export
 from pretrain.log import quiet_library_warnings
 
@@ -42,9 +42,8 @@ def main(argv=None) -> int:
     try:
         weights = export(args.checkpoint, output, args.tokenizer, args.dtype, args.max_shard_size,
                          verify=not args.no_verify)
-    except CheckpointError as err:
-        print(f"export error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report(err, label="export error")
     tokenizer_note = "" if (output / "tokenizer.json").exists() else \
         " (no tokenizer: the run used the built-in byte-level corpus)"
     print(f"exported step {weights.train_state['step']} of {weights.path} to {output}"

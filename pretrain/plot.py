@@ -14,18 +14,13 @@ import json
 import sys
 from pathlib import Path
 
+from pretrain.errors import PlotError, UserError, report
 from pretrain.files import write_atomic
-
-METRICS = "metrics.jsonl"
-
-
-class PlotError(ValueError):
-    pass
-
+from pretrain.run_dir import METRICS, RunDir
 
 def read_metrics(run: Path) -> list[dict]:
     """The complete records of RUN/metrics.jsonl (or of that file given directly)."""
-    path = run / METRICS if run.is_dir() else run
+    path = RunDir(run).metrics if run.is_dir() else run
     if not path.is_file():
         raise PlotError(f"{run}: no {METRICS} here; pass a run directory (run.dir) of a "
                         f"training run that logged at least one step")
@@ -112,9 +107,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         drawn = plot(args.runs, args.output)
-    except PlotError as err:
-        print(f"plot error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report(err)
     print(f"plot: {len(args.runs)} run(s), {', '.join(drawn)} -> {args.output}")
     return 0
 

@@ -28,16 +28,14 @@ from pretrain.log import is_rank0, log, quiet_library_warnings
 quiet_library_warnings()
 
 from pretrain import megatron_flags
-from pretrain.checkpoint.signals import EXIT_REQUEUE, StopRequests
-from pretrain.checkpoint.store import CheckpointError
-from pretrain.config import (Config, ConfigError, Layout, check_run_dir, load_config, save_config,
-                             validate)
+from pretrain.checkpoint.signals import StopRequests
+from pretrain.config import Config, Layout, check_run_dir, load_config, save_config, validate
 from pretrain.data.build import build_loaders, build_tokenizer, open_data
-from pretrain.data.sources import DataError
+from pretrain.errors import EXIT_OK, EXIT_REQUEUE, DataError, UserError, report
 from pretrain.model.estimate import describe
-from pretrain.trainer.guards import PeerStopped, TrainingHalted
 from pretrain.model.spec import choose_backend
 from pretrain.parallel import cpu, deepspeed_user, dist as pdist
+from pretrain.run_dir import RunDir
 from pretrain.trainer.trackers import check_wandb
 
 
@@ -134,10 +132,10 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
     from pretrain.parallel.zero import build_engine
     from pretrain.trainer.loop import Trainer, TrainState
 
-    run_dir = Path(cfg.run.dir)
+    run_dir = RunDir(cfg.run.dir)
     if is_rank0():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir.config)
         log(describe(cfg, data.vocab_size, env.world_size, bf16))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
@@ -172,7 +170,7 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
     checkpointer = Checkpointer(cfg, layout, zero, chunks, data, device,
                                 training_parts(scheduler, loader, state))
     trainer = Trainer(cfg, layout, zero, chunks, model_proxies, loader, device,
-                      hooks=build_hooks(cfg, run_dir), valid_sets=valid_sets,
+                      hooks=build_hooks(cfg, run_dir.root), valid_sets=valid_sets,
                       eval_proxies=proxies(zero.engine, chunks, through_engine=False),
                       checkpointer=checkpointer, stops=stops, state=state)
     clock.lap("checkpointer and hooks")
@@ -185,10 +183,8 @@ def main(argv=None) -> int:
     has_cuda = torch.cuda.is_available()
     try:
         args = parse_args(argv)
-    except ConfigError as err:
-        if pdist.detect_env().rank == 0:
-            print(f"config error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report(err, rank=pdist.detect_env().rank)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     env = pdist.detect_env()
@@ -210,21 +206,15 @@ def main(argv=None) -> int:
         deepspeed_user.check(cfg, layout.data_parallel, bf16)  # before any process group
         check_run_dir(cfg)
         check_wandb(cfg)
-    except ConfigError as err:
-        if env.rank == 0:
-            print(f"config error: {err}", file=sys.stderr)
-        return 2
-    except DataError as err:
-        if env.rank == 0:
-            print(f"data error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:  # every rank met it alike: rank 0 says it
+        return report(err, rank=env.rank)
     if args.dry_run:
         import yaml
 
         if env.rank == 0:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
             print(describe(cfg, data.vocab_size, world, bf16))
-        return 0
+        return EXIT_OK
 
     # From here a stop signal means "finish the step, save, exit EXIT_REQUEUE"; one that
     # comes during the build is acted on after the first step.
@@ -237,26 +227,17 @@ def main(argv=None) -> int:
         if reason == "signal":
             return EXIT_REQUEUE
         _sample(built, tokenizer)
-    except CheckpointError as err:
-        if env.rank == 0:
-            print(f"checkpoint error: {err}", file=sys.stderr)
-        return 2
-    except TrainingHalted as err:
-        if env.rank == 0:
-            print(f"training error: {err}", file=sys.stderr)
-        return 2
-    except PeerStopped:  # the rank that failed printed why
-        return 2
-    except DataError as err:  # a shard found corrupt or missing while training: not requeued
-        print(f"data error: {err}" + (f" (rank {env.rank})" if env.world_size > 1 else ""),
-              file=sys.stderr)
-        return 2
+    except UserError as err:
+        # A shard found corrupt or missing while training was read by this rank alone: it says
+        # so with its number (the others stop with PeerStopped, quietly). Not requeued.
+        return report(err, rank=env.rank, world_size=env.world_size,
+                      every_rank=isinstance(err, DataError))
     finally:
         stops.restore()
         trainer.close()
     log(f"run directory: {Path(cfg.run.dir).resolve()}")
     pdist.destroy()
-    return 0
+    return EXIT_OK
 
 
 def _sample(built: Built, tokenizer) -> None:

@@ -52,7 +52,7 @@ PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 MAX_RESTARTS=${MAX_RESTARTS:-20}
 RANK_EXIT_GRACE=${RANK_EXIT_GRACE:-120}
 PREFLIGHT_TIMEOUT=${PREFLIGHT_TIMEOUT:-120}
-EXIT_REQUEUE=75  # pretrain.checkpoint.signals.EXIT_REQUEUE
+EXIT_REQUEUE=75  # pretrain/errors.py EXIT_REQUEUE; the statuses: docs/failures.md
 RESTART=${SLURM_RESTART_COUNT:-0}
 NTASKS=${SLURM_NTASKS:-1}
 NNODES=${SLURM_NNODES:-1}
@@ -117,6 +117,7 @@ while true; do
     kill -0 "$SRUN_PID" 2>/dev/null || break  # wait returned for a trapped signal: wait again
 done
 say "training exited with status $RC"
+# The statuses and what each means: docs/failures.md "Exit statuses" (pretrain/errors.py).
 
 case "$RC" in
     0)

@@ -9,7 +9,8 @@ import math
 import pytest
 
 from pretrain.config import ConfigError, load_config, validate
-from pretrain.trainer.guards import EXIT_HUNG, LossSpikes, NonFiniteGuard, Watchdog
+from pretrain.errors import EXIT_HUNG
+from pretrain.trainer.guards import LossSpikes, NonFiniteGuard, Watchdog
 from tests.launch_helpers import REPO, read_metrics, run_training
 
 pytestmark = pytest.mark.multiprocess

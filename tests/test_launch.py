@@ -12,6 +12,7 @@ import pytest
 
 from launch import env as lenv
 from launch import preflight
+from pretrain.errors import EXIT_PREFLIGHT
 from pretrain.config import ConfigError, check_run_dir, load_config, save_config
 from pretrain.parallel.dist import free_port
 from tests.launch_helpers import clean_env
@@ -78,12 +79,13 @@ def test_preflight_one_node_passes_and_checks_gpus():
     assert out.returncode == 0 and "1 node(s) ok" in out.stdout, out.stderr
     out = _preflight({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}, "--expect-gpus", "8",
                      "--timeout", "20")
-    assert out.returncode == 1 and "sees 0 GPUs, the job expects 8" in out.stderr
+    assert out.returncode == EXIT_PREFLIGHT == 3, out
+    assert out.stderr.count("\n") == 1 and "sees 0 GPUs, the job expects 8" in out.stderr
 
 
 def test_preflight_unreachable_master_fails_fast():
     out = _preflight({"MASTER_ADDR": "203.0.113.7", "MASTER_PORT": "29999"}, "--timeout", "20")
-    assert out.returncode == 1 and "MASTER_ADDR=203.0.113.7" in out.stderr
+    assert out.returncode == EXIT_PREFLIGHT and "MASTER_ADDR=203.0.113.7" in out.stderr
 
 
 def test_preflight_node0_gives_up_on_a_node_that_never_reports():
@@ -93,7 +95,7 @@ def test_preflight_node0_gives_up_on_a_node_that_never_reports():
            "SLURM_NNODES": "2"}
     started = time.monotonic()
     out = _preflight(env, "--timeout", "3")
-    assert out.returncode == 1 and "nodes [1] did not report within 3 s" in out.stderr, out.stderr
+    assert out.returncode == EXIT_PREFLIGHT and "nodes [1] did not report within 3 s" in out.stderr, out.stderr
     assert time.monotonic() - started < 60
 
 

@@ -3,7 +3,7 @@ one `error: ...` line and exit 2, so it must name the file, field or value and t
 
 from __future__ import annotations
 
-from pretrain.data.formats import DataError
+from pretrain.errors import DataError
 
 
 class ShardError(DataError):

@@ -15,9 +15,6 @@ import signal
 import torch
 import torch.distributed as dist
 
-# sysexits.h EX_TEMPFAIL: "temporary failure, the user is invited to retry". The run saved a
-# checkpoint because it was asked to stop; requeueing it resumes from that checkpoint.
-EXIT_REQUEUE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 # The project's one atomic-write and file-hash helpers (pretrain/files.py), under the names
 # the checkpoint code and its tests use.
+from pretrain.errors import CheckpointError
 from pretrain.files import file_sha256 as sha256_file  # noqa: F401
 from pretrain.files import fsync_dir, fsync_tree  # noqa: F401
 from pretrain.files import write_atomic as write_text_atomic
@@ -41,10 +42,6 @@ LATEST = "latest"
 STEP_RE = re.compile(r"^step_(\d{8})$")
 STAGING_RE = re.compile(r"^step_(\d{8})\.tmp-[0-9a-f]+$")
 TRASH_RE = re.compile(r"^\.trash-.+$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, stated as one line: which one and why."""
 
 
 def step_name(step: int) -> str:

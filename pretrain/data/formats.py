@@ -18,10 +18,7 @@ import os
 import re
 from pathlib import Path
 
-
-
-class DataError(RuntimeError):
-    """A dataset, tokenizer or input problem, naming the file and what to do about it."""
+from pretrain.errors import DataError
 
 
 # ---------------------------------------------------------------- raw inputs

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from pretrain.data.formats import DataError
+from pretrain.errors import DataError
 
 # Remote reads (URL, `pipe:`) are retried: READ_ATTEMPTS tries, waiting RETRY_BASE_S, then
 # twice as long each time (capped at RETRY_MAX_S), before the failure becomes a DataError.

@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from pretrain.data.formats import DataError
+from pretrain.errors import DataError
 from pretrain.files import file_sha256
 
 CARD_FORMAT = "pretrain-tokenizer"

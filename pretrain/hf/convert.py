@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.checkpoint.store import CheckpointError
+from pretrain.errors import CheckpointError
 
 # setting -> (value Llama needs, why)
 LLAMA_NEEDS = {

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint.store import CheckpointError
 from pretrain.checkpoint.weights import CheckpointWeights, read_weights
+from pretrain.errors import CheckpointError
 from pretrain.files import file_sha256, fsync_dir, fsync_tree, temp_path
 from pretrain.hf.convert import check_llama_compatible, llama_config, to_hf
 from pretrain.hf.tokenizer import write_tokenizer

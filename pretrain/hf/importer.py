@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint.store import CheckpointError
+from pretrain.errors import CheckpointError
 from pretrain.hf.convert import check_llama_compatible, from_hf
 
 PREFIX = "hf:"

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pretrain.checkpoint.store import CheckpointError
 from pretrain.data.tokenizers import EOS_CANDIDATES
+from pretrain.errors import CheckpointError
 
 SPACE = "\u2581"  # sentencepiece's visible space
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6

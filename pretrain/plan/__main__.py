@@ -11,11 +11,12 @@ from pathlib import Path
 
 import yaml
 
+from pretrain.errors import PlanError, UserError, report
 from pretrain.files import write_atomic
 from pretrain.model.estimate import describe, peak_tflops
 from pretrain.plan.budget import MEASURED_MFU, GPUS_PER_NODE, gpu_memory_gib, make_plan
 from pretrain.plan.law import DEFAULT_LAW, PUBLISHED, ScalingLaw, bootstrap, fit_law
-from pretrain.plan.runs import PlanError, read_ladder
+from pretrain.plan.runs import read_ladder
 
 
 def _law_from(value: str) -> ScalingLaw:
@@ -174,9 +175,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return {"fit": cmd_fit, "budget": cmd_budget, "ladder": cmd_ladder}[args.command](args)
-    except PlanError as err:
-        print(f"plan error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report(err, label="plan error")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,10 @@ from pathlib import Path
 
 from pretrain.checkpoint.store import CheckpointDir
 from pretrain.config import ConfigError, load_config
+from pretrain.errors import PlanError
 from pretrain.model.estimate import parameter_counts
 
 MIN_RUNS = 3  # E, A, B, alpha, beta: fewer distinct runs leave the law undetermined
-
-
-class PlanError(ValueError):
-    """A planning problem, stated as one line: what is wrong and the fix."""
 
 
 @dataclass(frozen=True)

@@ -17,17 +17,9 @@ import time
 from collections import deque
 from contextlib import contextmanager
 
-# A hung step ends the process with this status: a crash to slurm/pretrain_1b.sh, which
+# A hung step ends the process with EXIT_HUNG: a crash to slurm/pretrain_1b.sh, which
 # requeues it (up to MAX_RESTARTS) to resume from the newest checkpoint.
-EXIT_HUNG = 76
-
-
-class TrainingHalted(RuntimeError):
-    """Training cannot usefully continue; one line saying why and what to do (exit 2)."""
-
-
-class PeerStopped(RuntimeError):
-    """Another rank stopped on an error and reported it itself: this one exits 2 quietly."""
+from pretrain.errors import EXIT_HUNG, TrainingHalted
 
 
 class NonFiniteGuard:

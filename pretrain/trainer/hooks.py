@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pretrain.files import write_atomic
 from pretrain.log import is_rank0, log, warn
+from pretrain.run_dir import RunDir
 
 
 class Hook:
@@ -117,7 +118,7 @@ class MetricsWriter(Hook):
     """Appends one JSON object per logged step to RUN/metrics.jsonl (rank 0)."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics
         self._file = open(self.path, "a", buffering=1) if is_rank0() else None
 
     def on_step_end(self, trainer, record: dict) -> None:

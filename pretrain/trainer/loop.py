@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 from pretrain.config import Config, Layout
-from pretrain.data.sources import DataError
+from pretrain.errors import DataError, PeerStopped
 from pretrain.model.estimate import flops_per_token, peak_tflops
-from pretrain.trainer.guards import LossSpikes, NonFiniteGuard, PeerStopped, Watchdog
+from pretrain.trainer.guards import LossSpikes, NonFiniteGuard, Watchdog
 from pretrain.trainer.hooks import Hooks, perplexity
 from pretrain.log import log, warn
 from pretrain.parallel.schedule import (

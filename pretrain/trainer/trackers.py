@@ -20,9 +20,7 @@ from pretrain.config import Config, ConfigError
 from pretrain.files import write_atomic
 from pretrain.trainer.hooks import ConsoleLine, Hook, Hooks, MetricsWriter, scalar_items
 from pretrain.log import is_rank0, log
-
-WANDB_ID_FILE = "wandb_run_id"
-
+from pretrain.run_dir import RunDir
 
 class TensorBoardWriter(Hook):
     """Event files under RUN/tensorboard/ (`tensorboard --logdir RUN/tensorboard`)."""
@@ -87,7 +85,7 @@ class WandbRun(Hook):
         self.run = None
 
     def _run_id(self) -> str:
-        path = self.run_dir / WANDB_ID_FILE
+        path = RunDir(self.run_dir).wandb_run_id
         if path.is_file():
             run_id = path.read_text().strip()
             if re.fullmatch(r"[a-z0-9]{1,64}", run_id):
@@ -136,7 +134,7 @@ def build_hooks(cfg, run_dir: Path) -> Hooks:
     t = cfg.train
     hooks: list[Hook] = [ConsoleLine(t.steps, t.exit_at_step or t.steps), MetricsWriter(run_dir)]
     if cfg.logging.tensorboard:
-        hooks.append(TensorBoardWriter(run_dir / "tensorboard"))
+        hooks.append(TensorBoardWriter(RunDir(run_dir).tensorboard))
     w = cfg.logging.wandb
     if w.project and w.mode != "disabled":
         hooks.append(WandbRun(cfg, run_dir))

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from pretrain.checkpoint import store
-from pretrain.checkpoint.signals import EXIT_REQUEUE
+from pretrain.errors import EXIT_REQUEUE
 from pretrain.checkpoint.store import CheckpointDir
 from tests.checkpoint.crafted import RunsCode, plant_bytes_entry, rerecord
 from tests.launch_helpers import read_metrics, run_training, start_ranks, wait_all
