@@ -1,5 +1,5 @@
-"""Megatron-LM's flag spellings as command-line aliases of our keys (pretrain/megatron_flags.py),
-the deepspeed launcher's --local_rank, and the refusals: a flag that does not map, a bad
+"""Megatron-LM's flag spellings as command-line aliases of our keys
+(pretrain/config/megatron_flags.py), the deepspeed launcher's --local_rank, and the refusals: a flag that does not map, a bad
 value through a flag, and a flag that disagrees with its own key."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.config import load_config
-from pretrain.megatron_flags import ALIASES, NO_OPS, NOT_MAPPED
+from pretrain.config.megatron_flags import ALIASES, NO_OPS, NOT_MAPPED
 from pretrain.train import main, parse_args
 from tests.test_config import SMOKE, _error
 
