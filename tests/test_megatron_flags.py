@@ -1,6 +1,7 @@
 """Megatron-LM's flag spellings as command-line aliases of our keys
-(pretrain/config/megatron_flags.py), the deepspeed launcher's --local_rank, and the refusals: a flag that does not map, a bad
-value through a flag, and a flag that disagrees with its own key."""
+(pretrain/config/megatron_flags.py), the deepspeed launcher's --local_rank, and the refusals:
+a flag that does not map, a bad value through a flag, and a flag that disagrees with its own
+key."""
 
 from __future__ import annotations
 
