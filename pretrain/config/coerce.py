@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pretrain.config.schema import Config, ConfigError
 
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check `value` against a field's annotation; YAML-parse strings from the command line."""
     origin = typing.get_origin(annotation)

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+
 class ConfigError(ValueError):
     """A configuration problem, stated as one line: the field, the value and the fix."""
 

@@ -141,6 +141,7 @@ def _check_optim(o: OptimConfig, steps: int) -> None:
 
 
 def _check_schedule(o: OptimConfig, steps: int) -> None:
+    """The WSD keys: refused with another schedule, and the decay must fit after warmup."""
     if o.schedule != "wsd":
         changed = [name for name, value, default in (
             ("decay_steps", o.decay_steps, 0), ("decay_fraction", o.decay_fraction, 0.2),
