@@ -22,7 +22,7 @@ from pretrain.log import is_rank0, log, quiet_library_warnings
 
 quiet_library_warnings()
 
-from pretrain.config import ConfigError, _apply, validate  # noqa: E402
+from pretrain.config import ConfigError, apply_override, validate  # noqa: E402
 from pretrain.data.sources import open_source  # noqa: E402
 from pretrain.errors import DataError, UserError, report  # noqa: E402
 from pretrain.parallel import cpu, dist as pdist  # noqa: E402
@@ -66,7 +66,7 @@ def setup(args, world_size: int):
         if section not in ("parallel", "train") or not key or not raw:
             raise ConfigError(f"override {item!r}: evaluate takes parallel.* and train.* "
                               f"settings as section.key=value")
-        _apply(getattr(cfg, section), key, yaml.safe_load(raw), dotted)
+        apply_override(getattr(cfg, section), key, yaml.safe_load(raw), dotted)
     cfg.train.exit_at_step = 0
     source = open_source(args.data, args.split, cfg.train.seq_length)
     if source.tokenizer_sha256 != weights.train_state["tokenizer"]["sha256"]:

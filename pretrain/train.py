@@ -27,9 +27,9 @@ from pretrain.log import is_rank0, log, quiet_library_warnings
 # Before the megatron imports below: they announce optional kernels that are missing here.
 quiet_library_warnings()
 
-from pretrain import megatron_flags
 from pretrain.checkpoint.signals import StopRequests
-from pretrain.config import Config, Layout, check_run_dir, load_config, save_config, validate
+from pretrain.config import (Config, Layout, check_run_dir, load_config, megatron_flags,
+                             save_config, validate)
 from pretrain.data.build import build_loaders, build_tokenizer, open_data
 from pretrain.errors import EXIT_OK, EXIT_REQUEUE, DataError, UserError, report
 from pretrain.model.estimate import describe
@@ -41,7 +41,7 @@ from pretrain.trainer.trackers import check_wandb
 
 def parse_args(argv=None):
     """Our arguments, with Megatron-LM's flag spellings turned into overrides first
-    (megatron_flags.py; ConfigError on a flag that does not map or disagrees)."""
+    (config/megatron_flags.py; ConfigError on a flag that does not map or disagrees)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     argv, from_flags = megatron_flags.translate(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,6 +1,7 @@
-"""Megatron-LM's flag spellings as command-line aliases of our keys (pretrain/megatron_flags.py),
-the deepspeed launcher's --local_rank, and the refusals: a flag that does not map, a bad
-value through a flag, and a flag that disagrees with its own key."""
+"""Megatron-LM's flag spellings as command-line aliases of our keys
+(pretrain/config/megatron_flags.py), the deepspeed launcher's --local_rank, and the refusals:
+a flag that does not map, a bad value through a flag, and a flag that disagrees with its own
+key."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.config import load_config
-from pretrain.megatron_flags import ALIASES, NO_OPS, NOT_MAPPED
+from pretrain.config.megatron_flags import ALIASES, NO_OPS, NOT_MAPPED
 from pretrain.train import main, parse_args
 from tests.test_config import SMOKE, _error
 

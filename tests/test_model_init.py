@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pretrain.model.init import _full_shape_and_slice, _seed_for, global_names
+from pretrain.model.init import _seed_for, full_shape_and_slice, global_names
 
 WIDE = ("model.hidden_size=128", "model.ffn_hidden_size=512")
 
@@ -117,8 +117,8 @@ def test_slices_reconstruct_the_full_tensor(dim):
     full = torch.arange(30, dtype=torch.float32).reshape(full_shape)
     shards = []
     for rank in range(2):
-        shape, take = _full_shape_and_slice(_tp_param(local_shape, dim), rank, 2, gated=True,
-                                            is_fc1=False)
+        shape, take = full_shape_and_slice(_tp_param(local_shape, dim), rank, 2, gated=True,
+                                           is_fc1=False)
         assert shape == full_shape
         shard = take(full)
         assert tuple(shard.shape) == local_shape
@@ -132,8 +132,8 @@ def test_gated_fc1_slices_are_gate_then_up():
     full = torch.arange(16 * 3, dtype=torch.float32).reshape(16, 3)
     gate, up = full[:8], full[8:]
     for rank in range(2):
-        shape, take = _full_shape_and_slice(_tp_param((8, 3), 0), rank, 2, gated=True,
-                                            is_fc1=True)
+        shape, take = full_shape_and_slice(_tp_param((8, 3), 0), rank, 2, gated=True,
+                                           is_fc1=True)
         assert shape == (16, 3)
         expected = torch.cat([gate[4 * rank:4 * rank + 4], up[4 * rank:4 * rank + 4]])
         assert torch.equal(take(full), expected)
@@ -141,14 +141,14 @@ def test_gated_fc1_slices_are_gate_then_up():
 
 def test_ungated_fc1_is_a_plain_slice():
     full = torch.arange(16 * 3, dtype=torch.float32).reshape(16, 3)
-    _, take = _full_shape_and_slice(_tp_param((8, 3), 0), 1, 2, gated=False, is_fc1=True)
+    _, take = full_shape_and_slice(_tp_param((8, 3), 0), 1, 2, gated=False, is_fc1=True)
     assert torch.equal(take(full), full[8:])
 
 
 def test_replicated_and_single_rank_params_are_whole():
     plain = torch.nn.Parameter(torch.empty(4, 3))
     full = torch.randn(4, 3)
-    shape, take = _full_shape_and_slice(plain, 1, 2, gated=True, is_fc1=True)
+    shape, take = full_shape_and_slice(plain, 1, 2, gated=True, is_fc1=True)
     assert shape == (4, 3) and take(full) is full
-    shape, take = _full_shape_and_slice(_tp_param((4, 3), 0), 0, 1, gated=True, is_fc1=True)
+    shape, take = full_shape_and_slice(_tp_param((4, 3), 0), 0, 1, gated=True, is_fc1=True)
     assert shape == (4, 3) and take(full) is full

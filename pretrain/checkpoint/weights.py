@@ -37,10 +37,10 @@ class CheckpointWeights:
 
     def run_config(self):
         """The saved run's Config, laid out for one process (TP1, PP1)."""
-        from pretrain.config import Config, _merge_dict
+        from pretrain.config import Config, merge_into
 
         cfg = Config()
-        _merge_dict(cfg, self.train_state["config"], str(self.path / store.TRAIN_STATE))
+        merge_into(cfg, self.train_state["config"], str(self.path / store.TRAIN_STATE))
         cfg.parallel.tensor_parallel = cfg.parallel.pipeline_parallel = 1
         cfg.parallel.virtual_pipeline_chunks = 1
         return cfg
@@ -132,7 +132,7 @@ def install(chunks, state: dict[str, torch.Tensor], tp_rank: int, tp_size: int, 
             source: str) -> None:
     """Copy a full-shape state into this rank's chunks (its layers, its TP slice), checking
     every shape. `source` names where the state came from, for the error messages."""
-    from pretrain.model.init import _full_shape_and_slice, global_names
+    from pretrain.model.init import full_shape_and_slice, global_names
 
     for chunk in chunks:
         names = global_names(chunk)
@@ -140,8 +140,8 @@ def install(chunks, state: dict[str, torch.Tensor], tp_rank: int, tp_size: int, 
             name = names[local_name]
             if name not in state:
                 raise CheckpointError(f"{source} has no value for {name}")
-            shape, take = _full_shape_and_slice(param, tp_rank, tp_size, gated,
-                                                "mlp.linear_fc1." in name)
+            shape, take = full_shape_and_slice(param, tp_rank, tp_size, gated,
+                                               "mlp.linear_fc1." in name)
             full = state[name]
             if tuple(full.shape) != shape:
                 raise CheckpointError(f"{source}: {name} has shape {tuple(full.shape)}, this "

@@ -43,8 +43,8 @@ def global_names(model) -> dict[str, str]:
     return local_to_global
 
 
-def _full_shape_and_slice(param: torch.Tensor, tp_rank: int, tp_size: int, gated: bool,
-                          is_fc1: bool):
+def full_shape_and_slice(param: torch.Tensor, tp_rank: int, tp_size: int, gated: bool,
+                         is_fc1: bool):
     """Full shape, and a function taking the full tensor to this rank's shard."""
     if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
         return tuple(param.shape), lambda full: full
@@ -97,7 +97,7 @@ def initialize(model, cfg, tp_rank: int, tp_size: int) -> None:
     for local_name, param in model.named_parameters():
         name = names[local_name]
         is_fc1 = "mlp.linear_fc1." in name
-        shape, take = _full_shape_and_slice(param, tp_rank, tp_size, gated, is_fc1)
+        shape, take = full_shape_and_slice(param, tp_rank, tp_size, gated, is_fc1)
         leaf = name.rsplit(".", 1)[-1]
         # Local norms are `...norm.weight`; Transformer Engine fuses them into the next linear
         # as `linear_qkv.layer_norm_weight` / `linear_fc1.layer_norm_bias`.

@@ -8,7 +8,8 @@ different values is refused too.
 
 from __future__ import annotations
 
-from pretrain.config import ConfigError, coerce_override
+from pretrain.config.load import coerce_override
+from pretrain.errors import ConfigError
 
 # flag -> (our key, how its value maps): None passes the value through; a dict translates
 # Megatron's spelling of a choice into ours (choices it lacks are refused); a one-item tuple
