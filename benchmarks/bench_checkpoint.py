@@ -43,6 +43,7 @@ def main(argv=None) -> int:
 
     from pretrain.checkpoint.manager import Checkpointer
     from pretrain.checkpoint.parts import training_parts
+    from pretrain.checkpoint.tensor_parts import tensor_parts
     from pretrain.config import load_config, validate
     from pretrain.data.build import open_data
     from pretrain.log import quiet_library_warnings
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
         save_s.append(time.perf_counter() - started)
         ours_bytes = _du(path)
 
-        states = ckpt.opt.gather()
+        states = ckpt.tensors["optimizer"].opt.gather()
         blob = {"model": {f"p{i}": p.detach() for i, p in enumerate(params)},
                 "exp_avg": {f"p{i}": states[p]["exp_avg"] for i, p in enumerate(params)},
                 "exp_avg_sq": {f"p{i}": states[p]["exp_avg_sq"] for i, p in enumerate(params)}}
@@ -85,10 +86,11 @@ def main(argv=None) -> int:
         tsave_s.append(time.perf_counter() - started)
         torch_bytes = target.stat().st_size
 
-        fresh = Checkpointer(cfg, layout, built.zero, built.chunks, data, built.device,
-                             training_parts(built.scheduler, built.loader, built.trainer.state))
+        fresh = Checkpointer(cfg, layout, data, built.device,
+                             training_parts(built.scheduler, built.loader, built.trainer.state),
+                             tensor_parts(cfg, layout, built.zero.engine, built.chunks))
         started = time.perf_counter()
-        loaded = fresh.load_on_start()
+        loaded = fresh.load()
         load_s.append(time.perf_counter() - started)
         assert loaded is not None and loaded.step == 100 + rep
 

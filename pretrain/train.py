@@ -124,6 +124,8 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
 
     from pretrain.checkpoint.manager import Checkpointer
     from pretrain.checkpoint.parts import training_parts
+    from pretrain.checkpoint.tensor_parts import tensor_parts
+    from pretrain.hf.importer import initial_weights
     from pretrain.trainer.trackers import build_hooks
     from pretrain.model.gpt import build_model_chunks
     from pretrain.trainer.optim import build_optimizer, build_scheduler
@@ -167,8 +169,10 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
                 f"shard.py): bits-per-byte is omitted; re-shard to report it")
     clock.lap("loaders")
     state = TrainState()
-    checkpointer = Checkpointer(cfg, layout, zero, chunks, data, device,
-                                training_parts(scheduler, loader, state))
+    checkpointer = Checkpointer(
+        cfg, layout, data, device, training_parts(scheduler, loader, state),
+        tensor_parts(cfg, layout, zero.engine, chunks),
+        initial_weights=initial_weights(cfg, layout.padded_vocab_size, data.vocab_size))
     trainer = Trainer(cfg, layout, zero, chunks, model_proxies, loader, device,
                       hooks=build_hooks(cfg, run_dir.root), valid_sets=valid_sets,
                       eval_proxies=proxies(zero.engine, chunks, through_engine=False),

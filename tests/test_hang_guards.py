@@ -25,7 +25,7 @@ def test_stale_extension_lock_is_not_waited_on(tmp_path):
 
 def test_sigkill_during_async_save_leaves_no_process(tmp_path):
     """Two guards stand behind this (each alone suffices, checked by hand): the results-queue
-    server dies with the trainer (manager._die_with_parent), and pretrain.reaper kills every
+    server dies with the trainer (megatron_compat._die_with_parent), and pretrain.reaper kills every
     descendant. With both removed, the queue server was still alive 15 s after the kill."""
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
     procs = start_ranks(run_dir, ["train.steps=400", "checkpoint.interval=1",

@@ -198,9 +198,3 @@ class OptimizerState:
             rank, size = dist.get_rank(g.group), g.partition.numel()
             g.partition.data.copy_(g.flat[rank * size:(rank + 1) * size].float())
 
-
-def for_engine(engine):
-    """The model-space view of `engine`'s optimizer state for its ZeRO stage."""
-    from pretrain.checkpoint.zero3_state import Zero3OptimizerState, is_zero3
-
-    return Zero3OptimizerState(engine) if is_zero3(engine.optimizer) else OptimizerState(engine)

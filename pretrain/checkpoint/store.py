@@ -27,25 +27,28 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from pretrain.errors import CheckpointError
 # The project's one atomic-write and file-hash helpers (pretrain/files.py), under the names
 # the checkpoint code and its tests use.
-from pretrain.errors import CheckpointError
 from pretrain.files import file_sha256 as sha256_file  # noqa: F401
 from pretrain.files import fsync_dir, fsync_tree  # noqa: F401
 from pretrain.files import write_atomic as write_text_atomic
 
+# The run directory's names (checkpoints/, latest, train_state.json, step_N) belong to
+# pretrain/run_dir.py.
+from pretrain.run_dir import CHECKPOINTS, LATEST, STEP_RE, step_name
+
 FORMAT = "pretrain-checkpoint"
 FORMAT_VERSION = 1
 RECORD = "checkpoint.json"
-TRAIN_STATE = "train_state.json"
-LATEST = "latest"
-STEP_RE = re.compile(r"^step_(\d{8})$")
-STAGING_RE = re.compile(r"^step_(\d{8})\.tmp-[0-9a-f]+$")
+STAGING_SUFFIX = re.compile(r"^\.tmp-[0-9a-f]+$")  # after a step name: a save in progress
 TRASH_RE = re.compile(r"^\.trash-.+$")
 
 
-def step_name(step: int) -> str:
-    return f"step_{step:08d}"
+def is_staging(name: str) -> bool:
+    """Whether `name` is a staging directory's: a step name, then `.tmp-<hex>`."""
+    step, dot, rest = name.partition(".")
+    return bool(dot and STEP_RE.match(step) and STAGING_SUFFIX.match(dot + rest))
 
 
 def list_files(root: Path) -> list[str]:
@@ -247,7 +250,7 @@ class CheckpointDir:
         if not self.root.is_dir():
             return removed
         for entry in os.scandir(self.root):
-            if STAGING_RE.match(entry.name) or TRASH_RE.match(entry.name):
+            if is_staging(entry.name) or TRASH_RE.match(entry.name):
                 shutil.rmtree(entry.path, ignore_errors=True)
                 removed.append(entry.name)
         return removed
@@ -262,9 +265,9 @@ def resolve_load_path(path: str | Path) -> tuple[CheckpointDir, Path | None]:
         raise CheckpointError(f"checkpoint.load_from={path}: no such file or directory")
     if STEP_RE.match(p.name) and p.is_dir():
         return CheckpointDir(p.parent), p
-    if (p / "checkpoints").is_dir():
-        return CheckpointDir(p / "checkpoints"), None
+    if (p / CHECKPOINTS).is_dir():
+        return CheckpointDir(p / CHECKPOINTS), None
     if any(STEP_RE.match(e.name) for e in os.scandir(p)) or (p / LATEST).exists():
         return CheckpointDir(p), None
     raise CheckpointError(f"checkpoint.load_from={path}: neither a step_N checkpoint, a "
-                          f"checkpoints directory nor a run directory with checkpoints/")
+                          f"{CHECKPOINTS} directory nor a run directory with {CHECKPOINTS}/")

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from pretrain.checkpoint import store
-from pretrain.checkpoint.store import CheckpointError
+from pretrain.errors import CheckpointError
+from pretrain.run_dir import TRAIN_STATE
 
 _STACKED_LAYERS = "decoder.layers."
 _LAYER_INDEX = re.compile(r"^(\d+)\.(.+)$")
@@ -40,7 +41,7 @@ class CheckpointWeights:
         from pretrain.config import Config, merge_into
 
         cfg = Config()
-        merge_into(cfg, self.train_state["config"], str(self.path / store.TRAIN_STATE))
+        merge_into(cfg, self.train_state["config"], str(self.path / TRAIN_STATE))
         cfg.parallel.tensor_parallel = cfg.parallel.pipeline_parallel = 1
         cfg.parallel.virtual_pipeline_chunks = 1
         return cfg
@@ -120,9 +121,9 @@ def read_weights(path: str | Path, verify: bool = True) -> CheckpointWeights:
     """The full-shape model weights of the checkpoint `path` names."""
     step_dir = find_complete(path, verify)
     try:
-        train_state = json.loads((step_dir / store.TRAIN_STATE).read_text())
+        train_state = json.loads((step_dir / TRAIN_STATE).read_text())
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{step_dir / store.TRAIN_STATE}: unreadable ({err})") from None
+        raise CheckpointError(f"{step_dir / TRAIN_STATE}: unreadable ({err})") from None
     state = layout_free_names(_read_tensors(step_dir, "model."))
     return CheckpointWeights(step_dir, train_state, state)
 

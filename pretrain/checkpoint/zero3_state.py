@@ -30,6 +30,11 @@ def is_zero3(opt) -> bool:
     return hasattr(opt, "fp32_partitioned_groups_flat")
 
 
+def for_engine(engine) -> OptimizerState:
+    """The model-space view of `engine`'s optimizer state for its ZeRO stage."""
+    return Zero3OptimizerState(engine) if is_zero3(engine.optimizer) else OptimizerState(engine)
+
+
 def _gather_full(param, partition: torch.Tensor) -> torch.Tensor:
     """The full tensor of which `partition` is this rank's stage-3 slice, on the host."""
     group = param.ds_process_group

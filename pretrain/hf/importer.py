@@ -116,3 +116,18 @@ def load_state(load_from: str, cfg, padded_vocab_size: int, data_vocab_size: int
     config = read_config(path)
     check_fits(config, cfg, padded_vocab_size, data_vocab_size, load_from)
     return from_hf(read_safetensors(path), vars(cfg.model), padded_vocab_size, load_from)
+
+
+def initial_weights(cfg, padded_vocab_size: int, data_vocab_size: int):
+    """For the Checkpointer (its `initial_weights`): with `checkpoint.load_from=hf:DIR`, a
+    callable returning (DIR, the model's full-shape state), called only when the run has no
+    checkpoint of its own; else None."""
+    load_from = cfg.checkpoint.load_from
+    if not (load_from and is_hf(load_from)):
+        return None
+
+    def read() -> tuple[Path, dict]:
+        path = hf_dir(load_from)
+        return path, load_state(load_from, cfg, padded_vocab_size, data_vocab_size)
+
+    return read

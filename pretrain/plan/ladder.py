@@ -14,6 +14,7 @@ from pretrain.files import write_atomic
 from pretrain.config import validate
 from pretrain.plan.budget import model_shape
 from pretrain.plan.runs import PlanError, matmul_parameters
+from pretrain.run_dir import RunDir
 
 DECAY_FRACTION = 0.2  # of each branch's length (Hägele et al. 2024)
 
@@ -72,7 +73,7 @@ def ladder_configs(sizes: int, min_params: float, max_params: float, multiples: 
             branch["train"].update(steps=s, eval_interval=s)
             branch["optim"]["decay_steps"] = d
             branch["checkpoint"].update(interval=0, keep_every=0, load_from=str(
-                Path(cfg.run.dir) / "checkpoints" / f"step_{point:08d}"))
+                RunDir(cfg.run.dir).checkpoint(point)))
             branches.append(branch)
     return mains, branches
 

@@ -11,6 +11,7 @@ from pretrain.checkpoint.store import CheckpointDir
 from pretrain.config import ConfigError, load_config
 from pretrain.errors import PlanError
 from pretrain.model.estimate import parameter_counts
+from pretrain.run_dir import TRAIN_STATE, RunDir
 
 MIN_RUNS = 3  # E, A, B, alpha, beta: fewer distinct runs leave the law undetermined
 
@@ -32,12 +33,13 @@ def matmul_parameters(cfg, vocab_size: int) -> float:
 
 
 def read_run(path: Path) -> LadderRun:
+    run = RunDir(path)
     try:
-        cfg = load_config(path / "config.yaml")
+        cfg = load_config(run.config)
     except ConfigError as err:
         raise PlanError(f"{path}: not a run directory ({err})") from None
     records = []
-    metrics = path / "metrics.jsonl"
+    metrics = run.metrics
     if metrics.is_file():
         for line in metrics.read_text().splitlines():
             try:
@@ -48,8 +50,8 @@ def read_run(path: Path) -> LadderRun:
     if not evals:
         raise PlanError(f"{path}/metrics.jsonl has no val_loss; train the run with "
                         f"train.eval_interval > 0 (it evaluates at the end too)")
-    latest = CheckpointDir(path / "checkpoints").latest_pointer()
-    state_file = path / "checkpoints" / (latest or "") / "train_state.json"
+    latest = CheckpointDir(run.checkpoints).latest_pointer()
+    state_file = run.checkpoints / (latest or "") / TRAIN_STATE
     if not latest or not state_file.is_file():
         raise PlanError(f"{path}: no complete checkpoint to read the tokenizer from; finish the "
                         f"run with checkpoint.save_on_stop=true")

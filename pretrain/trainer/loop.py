@@ -187,7 +187,7 @@ class Trainer:
         """Load the newest complete checkpoint (or checkpoint.load_from), if any."""
         if self.checkpointer is None:
             return
-        loaded = self.checkpointer.load_on_start()
+        loaded = self.checkpointer.load()
         if loaded is not None:
             self.hooks.on_checkpoint_loaded(self, loaded.step)
 
@@ -269,7 +269,7 @@ class Trainer:
                     stalled = time.perf_counter() - saving
                     self.hooks.on_checkpoint_saved(self, self.state.step)
                 elif self.checkpointer is not None:
-                    self.checkpointer.poll()
+                    self.checkpointer.wait(block=False)  # publish a finished background save
             if stopping:
                 if self.checkpointer is not None:
                     with watchdog.paused():

@@ -1,7 +1,7 @@
 """Crashes during a save, corrupt checkpoints and stop signals, on real training processes.
 
 Kills are real SIGKILLs delivered at exact points of the save protocol through the
-PRETRAIN_TEST_FAULT hook (pretrain/checkpoint/manager.py). After every kill, `latest` must
+PRETRAIN_TEST_FAULT hook (pretrain/checkpoint/faults.py). After every kill, `latest` must
 name a complete checkpoint, and a restart must resume from the newest complete one and
 finish with the uninterrupted run's losses, bit for bit.
 """
