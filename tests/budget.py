@@ -147,7 +147,7 @@ class BudgetPlugin:
 
     def pytest_deselected(self, items):
         for item in items:
-            markers = [m for m in LANE_MARKERS if item.get_closest_marker(m)] or ["other"]
+            markers = [m for m in LANE_MARKERS if item.get_closest_marker(m)] or ["unmarked"]
             self.deselected[markers[0]] += 1
 
     def pytest_runtest_logreport(self, report):

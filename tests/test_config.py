@@ -311,7 +311,7 @@ def _train(*args: str) -> subprocess.CompletedProcess:
                           env=_clean_env(), capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.slow
+# Unmarked: the one start of the real training CLI (~5 s) that the check lane keeps.
 def test_cli_config_error_exits_2_with_one_line():
     proc = _train("--config", "configs/smoke.yaml", "parallel.tensor_parallel=3")
     assert proc.returncode == 2, proc.stderr
