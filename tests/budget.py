@@ -13,6 +13,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "testing.md"
 AREA_HEADING = "## Areas and budgets"
@@ -153,22 +155,29 @@ class BudgetPlugin:
     def pytest_runtest_logreport(self, report):
         self.tally.add(report.nodeid, report.duration)
 
+    @pytest.hookimpl(trylast=True)  # after --durations' list
     def pytest_terminal_summary(self, terminalreporter):
-        write = terminalreporter.write_line
-        if self.config.getoption("budget_report"):
-            terminalreporter.section("time per area against docs/testing.md")
-            if self.error:
-                write(f"no budget report: {self.error}", red=True)
-            else:
-                for line in self.tally.lines(time.monotonic() - self.started):
-                    write(line)
-        if self.deselected:
-            total = sum(self.deselected.values())
-            by_marker = ", ".join(f"{count} {marker}" for marker, count in
-                                  self.deselected.most_common())
-            expression = self.config.getoption("markexpr") or self.config.getoption("keyword")
-            write(f"{total} tests deselected by '{expression}' ({by_marker}); "
-                  f"`make test` runs them", yellow=True, bold=True)
+        if not self.config.getoption("budget_report"):
+            return
+        terminalreporter.section("time per area against docs/testing.md")
+        if self.error:
+            terminalreporter.write_line(f"no budget report: {self.error}", red=True)
+            return
+        for line in self.tally.lines(time.monotonic() - self.started):
+            terminalreporter.write_line(line)
+
+    def pytest_unconfigure(self, config):
+        # Here rather than in the summary so that it is the very last line, under pytest's
+        # own "N passed, M deselected".
+        terminal = config.pluginmanager.get_plugin("terminalreporter")
+        if not self.deselected or terminal is None:
+            return
+        by_marker = ", ".join(f"{count} {marker}" for marker, count in
+                              self.deselected.most_common())
+        expression = config.getoption("markexpr") or config.getoption("keyword")
+        terminal.write_line(f"{sum(self.deselected.values())} tests deselected by "
+                            f"'{expression}' ({by_marker}); `make test` runs them",
+                            yellow=True, bold=True)
 
 
 def pytest_addoption(parser):
