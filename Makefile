@@ -1,4 +1,4 @@
-# `make demo` and `make test` each create .venv/ first when it is missing.
+# `make demo`, `make check` and `make test` each create .venv/ first when it is missing.
 # On a machine without CUDA the CPU build of torch is installed first, so that no dependency
 # can pull the multi-GB CUDA build; on GPU machines set TORCH_SPEC to your CUDA build.
 
@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 NPROC ?= 2
 
-.PHONY: demo test venv clean
+.PHONY: demo check test venv clean
 
 venv: $(STAMP)
 
@@ -37,8 +37,16 @@ demo: $(STAMP)
 	rm -rf $(DEMO)/hf
 	$(PY) -m pretrain.export_hf $(DEMO)/run --output $(DEMO)/hf
 
+# Two lanes over one suite (docs/testing.md). `check`: the unit-level tests, <= 180 s on 2
+# cores, for the inner loop; the tests it deselects (by marker) are counted in its last lines.
+# `test`: everything, with each area's time against its budget in docs/testing.md.
+CHECK_MARKERS := not slow and not multiprocess and not slurm and not install and not gpu
+
+check: $(STAMP)
+	$(VENV)/bin/python -m pytest -q --durations=10 -m "$(CHECK_MARKERS)" tests
+
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q --durations=25 tests
+	$(VENV)/bin/python -m pytest -q --durations=25 --budget-report tests
 
 clean:
 	rm -rf runs $(VENV)

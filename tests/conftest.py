@@ -1,5 +1,7 @@
 """Shared fixtures.
 
+The budget plugin (tests/budget.py) reports each area's time against docs/testing.md.
+
 `single_rank_parallel` brings up a one-process gloo group and megatron's parallel_state
 (TP=1, PP=1) once per test session: torch.distributed and parallel_state can only be
 initialized once per process, so every test that builds a megatron model shares it.
@@ -16,6 +18,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
 SEED = 1234
+
+pytest_plugins = ["tests.budget"]
 
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

@@ -311,6 +311,7 @@ def _train(*args: str) -> subprocess.CompletedProcess:
                           env=_clean_env(), capture_output=True, text=True, timeout=120)
 
 
+# Unmarked: the one start of the real training CLI (~5 s) that the check lane keeps.
 def test_cli_config_error_exits_2_with_one_line():
     proc = _train("--config", "configs/smoke.yaml", "parallel.tensor_parallel=3")
     assert proc.returncode == 2, proc.stderr
@@ -320,12 +321,14 @@ def test_cli_config_error_exits_2_with_one_line():
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_unknown_key_exits_2():
     proc = _train("--config", "configs/smoke.yaml", "model.hiden_size=3")
     assert proc.returncode == 2, proc.stderr
     assert "config error:" in proc.stderr and "model.hiden_size" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_dry_run_prints_plan(tmp_path):
     proc = _train("--config", "configs/smoke.yaml", "--dry-run", "--world-size", "8",
                   f"run.dir={tmp_path}",

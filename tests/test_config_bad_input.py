@@ -39,6 +39,7 @@ def test_run_dir_that_is_a_file_or_not_writable(tmp_path):
     assert not (tmp_path / "new").exists()  # checking creates nothing
 
 
+@pytest.mark.slow
 def test_cli_run_dir_file_exits_2_with_one_line(tmp_path):
     from tests.launch_helpers import run_training
 

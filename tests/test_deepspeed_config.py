@@ -107,6 +107,7 @@ def test_json_file_with_a_duplicate_key_or_bad_json(tmp_path):
     ("parallel.deepspeed={gradient_accumulation_steps: 4}",
      "gradient_accumulation_steps is refused"),
 ])
+@pytest.mark.slow
 def test_cli_deepspeed_error_exits_2_with_one_line(tmp_path, override, needle):
     proc = _train("--config", "configs/smoke.yaml", f"run.dir={tmp_path}", override)
     assert proc.returncode == 2, proc.stderr

@@ -11,6 +11,8 @@ import pytest
 from pretrain.parallel.dist import free_port
 from tests.launch_helpers import REPO, clean_env, read_metrics, run_training
 
+pytestmark = pytest.mark.multiprocess
+
 BASE = ["train.steps=4", "train.global_batch_size=8", "train.micro_batch_size=2",
         "optim.warmup_steps=1", "parallel.zero_stage=2"]
 OFFLOAD_OVERLAP = ("parallel.deepspeed={zero_optimization: {offload_optimizer: {device: cpu}, "

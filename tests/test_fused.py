@@ -57,6 +57,7 @@ def _loss_and_grads(model, tokens):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_like_eager(smoke_config, build_model, aot_eager):
     """The whole path: megatron routes RoPE, SwiGLU, the residual adds and the cross
     entropy through the compiled regions, and loss and every gradient agree with eager."""

@@ -8,7 +8,11 @@ import os
 import signal
 import time
 
+import pytest
+
 from tests.launch_helpers import leftover_processes, run_training, start_ranks
+
+pytestmark = pytest.mark.slow
 
 
 def test_stale_extension_lock_is_not_waited_on(tmp_path):

@@ -88,6 +88,7 @@ def test_preflight_unreachable_master_fails_fast():
     assert out.returncode == EXIT_PREFLIGHT and "MASTER_ADDR=203.0.113.7" in out.stderr
 
 
+@pytest.mark.slow
 def test_preflight_node0_gives_up_on_a_node_that_never_reports():
     # Node 0 of two, and node 1 never reaches the store (it cannot route to MASTER_ADDR):
     # node 0 must fail after --timeout, not wait forever for node 1 to read the verdict.

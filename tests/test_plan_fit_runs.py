@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import yaml
 
 from tests.launch_helpers import launch, run_training
+
+pytestmark = pytest.mark.slow
 
 LADDER = {"w32_s4": ["model.hidden_size=32", "train.steps=4"],
           "w64_s4": ["model.hidden_size=64", "train.steps=4"],

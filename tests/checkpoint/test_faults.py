@@ -20,6 +20,9 @@ from pretrain.checkpoint.store import CheckpointDir
 from tests.checkpoint.crafted import RunsCode, plant_bytes_entry, rerecord
 from tests.launch_helpers import read_metrics, run_training, start_ranks, wait_all
 
+# Every test here starts the training CLI (some over several ranks): the full lane only.
+pytestmark = pytest.mark.slow
+
 BASE = ["train.steps=6", "train.global_batch_size=8", "train.micro_batch_size=2",
         "optim.warmup_steps=1", "checkpoint.interval=2", "checkpoint.keep_last=2"]
 

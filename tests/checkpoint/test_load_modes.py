@@ -11,6 +11,9 @@ import pytest
 from tests.data.shard_writer import write_dataset
 from tests.launch_helpers import read_metrics, run_training
 
+# Every test here starts the training CLI (some over several ranks): the full lane only.
+pytestmark = pytest.mark.slow
+
 BASE = ["train.steps=4", "train.global_batch_size=8", "train.micro_batch_size=2",
         "optim.warmup_steps=1"]
 

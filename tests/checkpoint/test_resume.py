@@ -19,6 +19,9 @@ import pytest
 
 from tests.launch_helpers import read_metrics, run_training
 
+# Every test here starts the training CLI (some over several ranks): the full lane only.
+pytestmark = pytest.mark.slow
+
 STEPS, HALF = 6, 3
 BASE = [f"train.steps={STEPS}", "train.global_batch_size=8", "train.micro_batch_size=2",
         "optim.warmup_steps=1"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from megatron.core.dist_checkpointing import ShardedTensor
 
@@ -39,6 +40,7 @@ def test_tensors_copied_by_gather_are_not_copied_twice():
     assert len(staging.buffers) == 2
 
 
+@pytest.mark.slow
 def test_async_save_reports_its_stall(tmp_path):
     """The training path's share of an async save is logged, split into its parts, and
     recorded in the next step's metrics."""

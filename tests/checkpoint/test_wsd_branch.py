@@ -9,7 +9,12 @@ optimizer state, data position and the decayed rates from the first resumed step
 
 from __future__ import annotations
 
+import pytest
+
 from tests.launch_helpers import read_metrics, run_training
+
+# Every test here starts the training CLI (some over several ranks): the full lane only.
+pytestmark = pytest.mark.slow
 
 WSD = ["train.global_batch_size=8", "train.micro_batch_size=2", "optim.warmup_steps=1",
        "optim.schedule=wsd", "optim.decay_steps=2", "optim.min_lr=0"]

@@ -44,6 +44,7 @@ def test_validation_defaults_to_the_val_split_of_the_training_sources(tmp_path):
     assert valid[0].bytes_per_token is None  # this manifest predates text_bytes
 
 
+@pytest.mark.slow
 def test_missing_dataset_stops_the_cli_before_any_process_group(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(SMOKE),
                            f"data.train={tmp_path}/missing"],
@@ -53,6 +54,7 @@ def test_missing_dataset_stops_the_cli_before_any_process_group(tmp_path):
     assert len(errors) == 1 and "missing/manifest.json: no such file" in errors[0]
 
 
+@pytest.mark.slow
 def test_missing_tokenizer_stops_the_dry_run(tmp_path):
     """A named tokenizer that is not there fails at start-up (the SLURM preflight runs this
     dry run), not when the end-of-run sample is drawn."""

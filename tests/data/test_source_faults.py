@@ -110,6 +110,7 @@ def test_pipe_read_that_keeps_failing_is_one_data_error(dataset, tmp_path, monke
     assert (tmp_path / "train-000000.tar.count").read_text().strip() == "4"
 
 
+@pytest.mark.slow
 def test_shard_corrupt_during_training_is_one_line_and_exit_2(tmp_path):
     """Same size (so the start-up check passes), other bytes: found when the loader reads it,
     in the middle of fit(); exit 2 (not requeued: a requeue would read the same bytes)."""
@@ -186,6 +187,7 @@ def test_http_head_is_retried_like_reads(served, monkeypatch, capfd):
         ShardSource(url)
 
 
+@pytest.mark.slow
 def test_missing_http_shard_stops_training_before_the_first_step(tmp_path):
     """The training CLI on a dataset served over HTTP with one shard gone: exit 2 and one line
     naming the shard, before any step (the loader would reach it only later)."""
@@ -201,6 +203,7 @@ def test_missing_http_shard_stops_training_before_the_first_step(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.multiprocess
 def test_data_error_on_one_rank_stops_every_rank_with_exit_2(tmp_path):
     """Shards of one sample each, so the corrupt one is read by exactly one of the two
     ranks: that rank prints the data error, the other exits 2 quietly (it used to crash in

@@ -67,6 +67,7 @@ def test_bad_stages_are_refused(smoke_config, stages, message):
         validate(smoke_config(f"data.stages={stages}"))
 
 
+@pytest.mark.slow
 def test_training_resumes_exactly_across_the_switch(tmp_path):
     """The training CLI: a stage switch at step 3 of 6; stopping at step 2 and at step 4 and
     resuming gives the uninterrupted run's losses to the bit and its loader position."""

@@ -237,6 +237,7 @@ def reference(tmp_path_factory, corpus, tokenizer, ray_local):
     return out, manifest
 
 
+@pytest.mark.slow
 def test_round_trip_every_format_in_document_order(corpus, reference, processor):
     _, expected = corpus
     out, manifest = reference
@@ -261,6 +262,7 @@ def test_round_trip_every_format_in_document_order(corpus, reference, processor)
     assert manifest["splits"]["val"]["samples"] > 0 and manifest["splits"]["train"]["samples"] > 0
 
 
+@pytest.mark.slow
 def test_manifest_fields(corpus, reference, tokenizer):
     _, expected = corpus
     out, manifest = reference
@@ -304,6 +306,7 @@ def test_manifest_fields(corpus, reference, tokenizer):
     assert sorted(p.name for p in out.iterdir()) == sorted(names | {"manifest.json", ".lock"})
 
 
+@pytest.mark.slow
 def test_tar_format_is_fixed_and_readable_by_webdataset(reference):
     import webdataset as wds
 
@@ -328,6 +331,7 @@ def test_tar_format_is_fixed_and_readable_by_webdataset(reference):
     assert all(len(s["tokens"]) == 2 * (SEQ_LEN + 1) for s in samples)
 
 
+@pytest.mark.slow
 def test_output_is_byte_identical_for_any_worker_count_and_granularity(tmp_path, corpus, reference, tokenizer):
     root, _ = corpus
     out, _ = reference
@@ -336,6 +340,7 @@ def test_output_is_byte_identical_for_any_worker_count_and_granularity(tmp_path,
     assert output_files(tmp_path / "one") == output_files(out)
 
 
+@pytest.mark.slow
 def test_val_split_is_by_content_not_position(tmp_path, tokenizer, ray_local, processor):
     rng = random.Random(99)
     unique = {}
@@ -357,6 +362,7 @@ def test_val_split_is_by_content_not_position(tmp_path, tokenizer, ray_local, pr
     assert set(val_docs["b"]) <= set(want) and len(want) - len(val_docs["b"]) <= 3
 
 
+@pytest.mark.slow
 def test_no_dedup_keeps_duplicates(tmp_path, corpus, tokenizer, ray_local):
     root, expected = corpus
     manifest = build([root], tmp_path / "out", tokenizer, num_workers=2, dedup=False)
@@ -366,6 +372,7 @@ def test_no_dedup_keeps_duplicates(tmp_path, corpus, tokenizer, ray_local):
     assert manifest["settings"]["dedup"] is False
 
 
+@pytest.mark.slow
 def test_paragraph_mode_with_byte_range_cuts(tmp_path, tokenizer, ray_local, processor):
     rng = random.Random(3)
     paragraphs = [make_doc(rng, rng.randint(1, 30)).replace("\n\n", "\n") for _ in range(80)]
@@ -382,6 +389,7 @@ def test_paragraph_mode_with_byte_range_cuts(tmp_path, tokenizer, ray_local, pro
     assert manifest["documents"]["read"] == 80 and manifest["settings"]["txt_mode"] == "paragraph"
 
 
+@pytest.mark.slow
 def test_long_documents_are_encoded_in_chunks_and_split_over_pieces(tmp_path, tokenizer, ray_local, processor):
     rng = random.Random(11)
     spaced = make_doc(rng, 30000)  # ~200 KB, spaces throughout
@@ -409,6 +417,7 @@ def test_long_documents_are_encoded_in_chunks_and_split_over_pieces(tmp_path, to
 # ---------------------------------------------------------------- atomicity and resume
 
 
+@pytest.mark.slow
 def test_killed_run_leaves_no_partial_final_file_and_resumes_byte_identical(tmp_path, corpus, tokenizer, reference):
     from data_tools.shard_lib.pack import KILL_AFTER_ENV
 
@@ -501,6 +510,7 @@ def test_bad_input_real_cli_one_error_line(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("case", ["missing_key", "missing_key_in_later_range", "invalid_json",
                                   "no_documents", "too_few_tokens"])
+@pytest.mark.slow
 def test_bad_input_while_tokenizing_exits_2(tmp_path, tokenizer, ray_local, case, capsys):
     path = tmp_path / "data.jsonl"
     extra = ["--unit-bytes", 64]
@@ -577,6 +587,7 @@ GOLDEN_MODEL_SHA256 = "fb95a931df657e2c1502f018d32dfc651a6a1652a98a41f3ddd350927
 GOLDEN_SPLITS_SHA256 = "5f080d6bccad43f4f8dc080df5466a30e741b954750b30d21c280b3d2daadde1"
 
 
+@pytest.mark.slow
 def test_tokenizer_and_shards_keep_the_bytes_of_main(tmp_path, ray_local):
     from data_tools import train_tokenizer
 

@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from tests.data_tools.test_shard import (REPO, SHARD, build, cli_in_process,  # noqa: F401
                                          output_files, ray_local, tokenizer, write_jsonl)
 from tests.launch_helpers import leftover_processes
@@ -21,6 +23,7 @@ def _docs(n: int, salt: str) -> list[dict]:
             for i in range(n)]
 
 
+@pytest.mark.slow
 def test_failed_replacing_run_keeps_the_old_dataset(tmp_path, tokenizer, ray_local, capsys):
     good = tmp_path / "good.jsonl"
     write_jsonl(good, _docs(60, "old"))
@@ -52,6 +55,7 @@ def test_output_that_is_a_file_or_unwritable_is_one_line(tmp_path, tokenizer, ca
     assert "file/sub: cannot create or lock it (Not a directory)" in err
 
 
+@pytest.mark.slow
 def test_killed_run_leaves_no_ray_process(tmp_path, tokenizer):
     from data_tools.shard_lib.pack import KILL_AFTER_ENV
 
@@ -75,6 +79,7 @@ def test_killed_run_leaves_no_ray_process(tmp_path, tokenizer):
             pass
 
 
+@pytest.mark.slow
 def test_local_ray_wants_its_token(ray_local):
     """The local cluster's GCS accepts no client without this process's random token."""
     import ray
@@ -93,6 +98,7 @@ def test_local_ray_wants_its_token(ray_local):
     assert probe.returncode != 0 and "Authentication" in probe.stderr, probe.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing_is_one_line_and_keeps_the_old_dataset(tmp_path, tokenizer,
                                                                        ray_local, capsys):
     """The shard writes fail (a file-size limit stands in for a full disk: the same OSError

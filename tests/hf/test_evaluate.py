@@ -13,6 +13,9 @@ import torch
 from tests.hf.conftest import our_model
 from tests.launch_helpers import launch
 
+# Every test here trains, exports or evaluates through the CLIs (tests/hf/conftest.py).
+pytestmark = pytest.mark.slow
+
 BATCHES = 2
 GLOBAL_BATCH = 8
 

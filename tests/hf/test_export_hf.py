@@ -22,6 +22,7 @@ TRICKY = ["", " ", "   leading spaces", "trailing   ", "tabs\t\tand\nnewlines\n\
 
 
 @pytest.mark.parametrize("layout", ["one_process", "tp2_pp2", "dp2_zero2"])
+@pytest.mark.slow
 def test_logits_equal_ours(layout, trained_run, exported, single_rank_parallel):
     from transformers import AutoModelForCausalLM
 
@@ -41,6 +42,7 @@ def test_logits_equal_ours(layout, trained_run, exported, single_rank_parallel):
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4 * float(ours.abs().max()))
 
 
+@pytest.mark.slow
 def test_directory_layout_and_sharding(exported):
     out = exported("one_process")
     config = json.loads((out / "config.json").read_text())
@@ -53,6 +55,7 @@ def test_directory_layout_and_sharding(exported):
     assert not list(out.parent.glob(".*tmp-*"))
 
 
+@pytest.mark.slow
 def test_greedy_generation_equals_ours(trained_run, exported, spm_data, single_rank_parallel):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -73,6 +76,7 @@ def test_greedy_generation_equals_ours(trained_run, exported, spm_data, single_r
     assert len(theirs) == 12 or theirs[-1] == tokenizer.eos_token_id
 
 
+@pytest.mark.slow
 def test_tokenizer_gives_sentencepiece_ids(exported, spm_data):
     import sentencepiece
     from transformers import AutoTokenizer
@@ -95,6 +99,7 @@ def _one_error_line(result, prefix="export error:"):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line(trained_run, tmp_path):
     run = trained_run("one_process")
     busy = tmp_path / "busy"
@@ -133,6 +138,7 @@ def test_variants_without_a_llama_equivalent_are_refused(setting, value):
         check_llama_compatible({**model, setting: value}, "ckpt")
 
 
+@pytest.mark.slow
 def test_interrupted_export_leaves_nothing_complete(trained_run, tmp_path):
     out = tmp_path / "hf"
     for point in ("model-00001-of-", "config.json"):

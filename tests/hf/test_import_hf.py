@@ -60,6 +60,7 @@ def hf_first_batch_loss(model, overrides: list[str]) -> float:
                                            "model.tie_embeddings=false"], False),
                                          # installed into ZeRO-3's per-rank slices
                                          (["parallel.zero_stage=3"], True)])
+@pytest.mark.slow
 def test_first_step_loss_equals_hf(layout, tie, tmp_path):
     model = make_llama(tmp_path / "hf", tie=tie, seed=5)
     overrides = BASE + layout
@@ -72,6 +73,7 @@ def test_first_step_loss_equals_hf(layout, tie, tmp_path):
     assert ours["loss"] == pytest.approx(want, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_model_that_does_not_fit_is_one_line(tmp_path):
     make_llama(tmp_path / "hf", tie=True, seed=1)
     out = run_training(tmp_path / "run", BASE + [

@@ -12,6 +12,9 @@ import torch
 from tests.hf.conftest import our_model
 from tests.launch_helpers import REPO, launch
 
+# Every test here trains, exports or evaluates through the CLIs (tests/hf/conftest.py).
+pytestmark = pytest.mark.slow
+
 TASKS = REPO / "tests" / "hf" / "lm_eval_tasks"
 
 

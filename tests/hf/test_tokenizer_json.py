@@ -8,8 +8,12 @@ import hashlib
 import json
 
 import numpy as np
+import pytest
 
 from tests.launch_helpers import launch, run_training
+
+# Every test here trains, exports or evaluates through the CLIs (tests/hf/conftest.py).
+pytestmark = pytest.mark.slow
 
 TEXT = ("def greet(name):\n    return f'Hello, {name}!'  # ok\n\n"
         "Café naïve Straße 日本語 🙂 3.14159   spaces\ttab\n") * 40
