@@ -17,8 +17,8 @@ from megatron.core.dist_checkpointing import ShardedTensor
 
 from pretrain.checkpoint import weights
 from pretrain.checkpoint.parts import Loading, TensorPart
-from pretrain.errors import CheckpointError
 from pretrain.checkpoint.zero3_state import for_engine
+from pretrain.errors import CheckpointError
 
 
 class ModelPart(TensorPart):
