@@ -223,7 +223,7 @@ class CheckpointDir:
         trash = self.root / f".trash-{path.name}-{os.getpid()}"
         os.rename(path, trash)
         fsync_dir(self.root)
-        shutil.rmtree(trash, ignore_errors=True)
+        _delete(trash)
 
     def apply_retention(self, keep_last: int, keep_every: int, protect: set[int] = frozenset(),
                         verified=None) -> list[int]:
@@ -251,9 +251,19 @@ class CheckpointDir:
             return removed
         for entry in os.scandir(self.root):
             if is_staging(entry.name) or TRASH_RE.match(entry.name):
-                shutil.rmtree(entry.path, ignore_errors=True)
+                _delete(Path(entry.path))
                 removed.append(entry.name)
         return removed
+
+
+def _delete(path: Path) -> None:
+    """Remove a checkpoint (or its trash). A step_N that is a symlink (to a shared pretrained
+    checkpoint, a copied run) loses the link only: a delete never follows one, and rmtree
+    refusing links must not leave the link behind under a .trash name either."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def resolve_load_path(path: str | Path) -> tuple[CheckpointDir, Path | None]:

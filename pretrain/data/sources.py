@@ -201,6 +201,14 @@ class ShardSource:
         if not np.array_equal(keys, expected):
             raise DataError(f"{url}: sample keys are not the contiguous range starting at "
                             f"{meta['first_key']}; {RESHARD_HINT}")
+        # An id at or past the vocabulary would index past the embedding table: an IndexError
+        # on CPU, a device assert on GPU, a crash that a requeue repeats. One max per shard,
+        # in the loader's thread.
+        if n and int(tokens.max()) >= self.vocab_size:
+            row, col = np.argwhere(tokens >= self.vocab_size)[0]
+            raise DataError(f"{url}: sample {keys[row]} holds token id {int(tokens[row, col])}, "
+                            f"not below the manifest's tokenizer.vocab_size {self.vocab_size}; "
+                            f"the manifest or the tokenizer it names is wrong; {RESHARD_HINT}")
         return ShardData(tokens, doc_starts, keys)
 
 
