@@ -28,10 +28,23 @@ def _law_from(value: str) -> ScalingLaw:
                         f"YAML file written by `python -m pretrain.plan fit --output`")
     data = yaml.safe_load(path.read_text()) or {}
     try:
-        return ScalingLaw(**{k: float(data[k]) for k in ("E", "A", "B", "alpha", "beta")},
-                          source=f"fitted, {path}")
-    except (KeyError, TypeError, ValueError):
+        law = ScalingLaw(**{k: float(data[k]) for k in ("E", "A", "B", "alpha", "beta")},
+                         source=f"fitted, {path}")
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise PlanError(f"--law {path}: needs numbers E, A, B, alpha, beta") from None
+    if law.problem():
+        raise PlanError(f"--law {path}: {law.problem()}; refit on more runs (plan fit)")
+    return law
+
+
+def _check_numbers(args, names: tuple[str, ...]) -> None:
+    """Each of these arguments, when given, a positive finite number (argparse took the
+    type): zero, negative, NaN or infinite budgets once ended in a traceback or a plan."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            flag = "--" + name.replace("_", "-")
+            raise PlanError(f"{flag} {value}: must be a positive finite number")
 
 
 def _describe_law(law: ScalingLaw) -> str:
@@ -44,6 +57,9 @@ def cmd_fit(args) -> int:
     n, d, loss = ([getattr(r, k) for r in runs] for k in ("params", "tokens", "val_loss"))
     law = fit_law(n, d, loss, source=f"fitted on {len(runs)} runs")
     print(_describe_law(law))
+    if law.problem():
+        raise PlanError(f"the fit on {len(runs)} runs is unusable ({law.problem()}); add runs "
+                        f"of other sizes and token counts to the ladder")
     intervals = bootstrap(n, d, loss, samples=args.bootstrap, level=0.8)
     for name in ("E", "A", "B", "alpha", "beta"):
         low, high = intervals[name]
@@ -70,6 +86,8 @@ def cmd_fit(args) -> int:
 
 
 def cmd_budget(args) -> int:
+    _check_numbers(args, ("gpus", "gpu_memory", "days", "flops", "params", "tokens", "vocab",
+                          "seq_length"))
     law = _law_from(args.law)
     memory = args.gpu_memory or gpu_memory_gib(args.gpu)
     if memory is None:
@@ -114,6 +132,11 @@ def cmd_budget(args) -> int:
 def cmd_ladder(args) -> int:
     from pretrain.plan.ladder import ladder_configs, write_ladder
 
+    _check_numbers(args, ("vocab", "sizes", "min_params", "max_params", "seq_length",
+                          "global_batch", "lr", "gpus_per_run"))
+    for multiple in args.multiples:
+        if not (math.isfinite(multiple) and multiple > 0):
+            raise PlanError(f"--multiples {multiple}: must be a positive finite number")
     mains, branches = ladder_configs(args.sizes, args.min_params, args.max_params,
                                      args.multiples, args.vocab, args.seq_length,
                                      args.global_batch, args.data, args.output_dir, args.lr)

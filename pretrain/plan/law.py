@@ -25,6 +25,18 @@ class ScalingLaw:
     beta: float
     source: str = ""
 
+    def problem(self) -> str | None:
+        """What makes this law unusable for planning (None: nothing). A fit on too few or
+        too noisy runs can land on a negative or non-finite constant; planning with it gives
+        a model of any size at all, so it is refused instead."""
+        values = {"E": self.E, "A": self.A, "B": self.B, "alpha": self.alpha, "beta": self.beta}
+        bad = [f"{k}={v:g}" for k, v in values.items() if not math.isfinite(v)
+               or v < 0 or (k != "E" and v == 0)]
+        if bad:
+            return (f"{', '.join(bad)}: every constant must be finite, E >= 0 and A, B, alpha, "
+                    f"beta > 0")
+        return None
+
     def loss(self, params: float, tokens: float) -> float:
         return self.E + self.A / params ** self.alpha + self.B / tokens ** self.beta
 
