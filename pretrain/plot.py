@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -19,27 +20,55 @@ from pretrain.files import write_atomic
 from pretrain.run_dir import METRICS, RunDir
 
 def read_metrics(run: Path) -> list[dict]:
-    """The complete records of RUN/metrics.jsonl (or of that file given directly)."""
+    """The step records of RUN/metrics.jsonl (or of that file given directly), with every
+    plotted value that is not a finite number left out. What was skipped is said in at most
+    two notice lines: one for lines that are not step records (the last one alone is a run
+    still writing), one for the values left out (a NaN loss of a skipped update, a string)."""
     path = RunDir(run).metrics if run.is_dir() else run
     if not path.is_file():
         raise PlotError(f"{run}: no {METRICS} here; pass a run directory (run.dir) of a "
                         f"training run that logged at least one step")
-    records, lines = [], path.read_text(errors="replace").splitlines()
+    records, bad_lines, lines = [], [], path.read_text(errors="replace").splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            where = "last line" if number == len(lines) else f"line {number}"
-            print(f"notice: {path}: {where} is incomplete; plotting the records before it",
-                  file=sys.stderr)
-            continue
-        if isinstance(record, dict) and "step" in record:
+            record = None
+        if isinstance(record, dict) and _finite(record.get("step")):
             records.append(record)
+        else:
+            bad_lines.append(number)
     if not records:
         raise PlotError(f"{path}: no step records; the run has not logged a step yet")
+    if bad_lines == [len(lines)]:
+        print(f"notice: {path}: the last line is incomplete; plotting the records before it",
+              file=sys.stderr)
+    elif bad_lines:
+        print(f"notice: {path}: {len(bad_lines)} line(s) are not step records (line "
+              f"{_some(bad_lines)}); plotting the {len(records)} that are", file=sys.stderr)
+    left_out: dict[str, list] = {}
+    for record in records:
+        for key in PLOTTED & record.keys():
+            if not _finite(record[key]):
+                left_out.setdefault(key, []).append(record["step"])
+                del record[key]
+    if left_out:
+        print(f"notice: {path}: values that are not finite numbers left out: "
+              + "; ".join(f"{key} at step {_some(steps)}" for key, steps in sorted(left_out.items())),
+              file=sys.stderr)
     return records
+
+
+def _finite(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _some(items: list, shown: int = 3) -> str:
+    return ", ".join(str(i) for i in items[:shown]) + (f", ... ({len(items)})"
+                                                       if len(items) > shown else "")
 
 
 def run_names(runs: list[Path]) -> list[str]:
@@ -56,6 +85,7 @@ PANELS = (
     ("MFU", "step", [("mfu", "-", "")], False),
     ("validation bits per byte", "tokens", [("val_bpb", "o-", "")], False),
 )
+PLOTTED = {key for _, x_key, series, _ in PANELS for key in (x_key, *(y for y, _, _ in series))}
 
 
 def plot(runs: list[Path], output: Path) -> list[str]:
