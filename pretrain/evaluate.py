@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 
 import torch
 import yaml
@@ -25,6 +24,7 @@ quiet_library_warnings()
 from pretrain.config import ConfigError, apply_override, validate  # noqa: E402
 from pretrain.data.sources import open_source  # noqa: E402
 from pretrain.errors import DataError, UserError, report  # noqa: E402
+from pretrain.files import unwritable, write_atomic  # noqa: E402
 from pretrain.parallel import cpu, dist as pdist  # noqa: E402
 
 
@@ -57,6 +57,9 @@ def setup(args, world_size: int):
     """Everything checkable before a process group exists: weights, config, layout, data."""
     from pretrain.checkpoint.weights import read_weights
 
+    problem = args.output and unwritable(args.output)
+    if problem:  # found before the evaluation, not after it
+        raise ConfigError(f"--output {args.output}: {problem}")
     weights = read_weights(args.checkpoint)
     cfg = weights.run_config()
     cfg.parallel.zero_stage = 0
@@ -159,7 +162,7 @@ def main(argv=None) -> int:
         line = json.dumps(result)
         print(line)
         if args.output:
-            Path(args.output).write_text(line + "\n")
+            write_atomic(args.output, line + "\n")
     pdist.destroy()
     return 0
 

@@ -75,3 +75,17 @@ def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
         while chunk := f.read(block):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def unwritable(path: str | Path) -> str | None:
+    """Why a file cannot be written at PATH (None: it can, as far as can be told before
+    writing): checked before hours of work whose result would go there."""
+    path = Path(path)
+    if path.is_symlink() or path.is_dir():
+        return f"{path} is a {'symlink' if path.is_symlink() else 'directory'}; name a file"
+    parent = path.parent
+    if not parent.is_dir():
+        return f"{parent} is not a directory; create it first"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
