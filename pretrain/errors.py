@@ -9,8 +9,8 @@ Exit statuses, chosen so a batch script can tell "fix the input" from "try again
     3   preflight: the nodes of a job disagree or cannot reach each other (launch/preflight.py).
         Not requeued onto the same nodes.
     75  stopped on a signal after saving a checkpoint (sysexits.h EX_TEMPFAIL): requeue.
-    76  a step hung; every rank's stacks are in the log (trainer/guards.py Watchdog): requeue.
-        A save abandoned past its deadline is to use this status too (the reliability issue).
+    76  a step hung, or a save ran past checkpoint.save_timeout_s; every rank's stacks are in
+        the log (trainer/guards.py Watchdog): requeue.
     130 interrupted from the keyboard.
 
 Anything else (a traceback, a signal) is a crash: the SLURM script requeues it up to

@@ -238,6 +238,8 @@ def test_validate_bf16_needs_cuda(smoke_config):
 
 @pytest.mark.parametrize("overrides, needle", [
     (["checkpoint.keep_last=0"], "checkpoint.keep_last=0 must be at least 1"),
+    (["checkpoint.save_timeout_s=0"], "checkpoint.save_timeout_s=0.0 must be a positive"),
+    (["checkpoint.save_timeout_s=-5"], "checkpoint.save_timeout_s=-5.0 must be a positive"),
     (["checkpoint.interval=-1"], "checkpoint.interval=-1 must not be negative"),
     (["checkpoint.weights_only=true"], "needs checkpoint.load_from"),
 ])

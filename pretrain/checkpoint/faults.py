@@ -2,14 +2,15 @@
 tests/checkpoint/test_faults.py): an environment variable stops a real save at exact places.
 
 PRETRAIN_TEST_FAULT="ACTION:POINT:STEP[:RANK]" makes the given rank (all ranks when omitted)
-SIGKILL itself ("kill") or send itself SIGTERM ("signal") at POINT of the save of STEP ("*":
-any step).
+SIGKILL itself ("kill"), send itself SIGTERM ("signal") or stop for good, as a stuck writer
+would ("hang"), at POINT of the save of STEP ("*": any step).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch.distributed as dist
 
@@ -32,3 +33,7 @@ def fault(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "signal":
         os.kill(os.getpid(), signal.SIGTERM)
+    elif action == "hang":
+        os.write(2, f"test fault: the save of step {step} hangs at {point}\n".encode())
+        while True:  # a signal handler runs and returns here: only the save deadline ends it
+            time.sleep(60)

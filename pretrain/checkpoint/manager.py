@@ -70,15 +70,16 @@ class Checkpointer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.finder = Finder(self.dir, cfg.checkpoint.verify)
         megatron_compat.start_results_queue()
+        # megatron forks writer processes for synchronous saves too, and the async writer forks
+        # writers of its own; after a SIGKILL of this process they blocked forever on their
+        # results queue, holding memory and the job's stdout.
+        start_reaper()
         mode = cfg.checkpoint.async_save
         self.async_queue, self.staging = None, None
         if mode == "on" or (mode == "auto" and torch.cuda.is_available()):
             self.async_queue = megatron_compat.async_writers()
             # The training path copies the state once into reused (pinned) host buffers.
             self.staging = HostStaging(pin=device.type == "cuda")
-            # The writer forks writers of its own; after a SIGKILL of this process they
-            # blocked forever on their results queue, holding memory and the job's stdout.
-            start_reaper()
 
     # ================================================================== save
     def _sharded(self, host=None) -> dict:

@@ -156,6 +156,9 @@ class CheckpointConfig:
     # when CUDA is available. On CPU a synchronous save is simple and fast enough.
     async_save: Literal["auto", "on", "off"] = "auto"
     verify: bool = True  # check every file's sha256 on load (spread over ranks)
+    # A save (or the wait for a background one) that runs longer is abandoned: one line, every
+    # thread's stack, exit 76 (requeued like a hang). Generous: a stuck writer, not a slow disk.
+    save_timeout_s: float = 3600.0
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pretrain.config.coerce import apply_override
 from pretrain.config.layout import Layout, derive_layout
 from pretrain.config.schema import (CheckpointConfig, Config, DataConfig, LoggingConfig,
                                    ModelConfig, OptimConfig)
-from pretrain.errors import ConfigError
+from pretrain.errors import EXIT_HUNG, ConfigError
 from pretrain.run_dir import CONFIG, RunDir
 
 
@@ -185,6 +185,10 @@ def _check_checkpoint(c: CheckpointConfig) -> None:
     if c.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={c.keep_last} must be at least 1: the newest "
                           f"checkpoint is what a restart resumes from")
+    if not (math.isfinite(c.save_timeout_s) and c.save_timeout_s > 0):
+        raise ConfigError(f"checkpoint.save_timeout_s={c.save_timeout_s} must be a positive "
+                          f"number of seconds (the longest a save may take before the run "
+                          f"gives it up and exits {EXIT_HUNG} to be requeued)")
     if c.weights_only and not c.load_from:
         raise ConfigError("checkpoint.weights_only=true needs checkpoint.load_from=PATH (the "
                           "checkpoint whose weights start this run)")

@@ -82,9 +82,15 @@ class Watchdog:
         self._last = time.monotonic()
         self._paused = False
         self._step = 0
+        # (seconds, what, the config key) while a deadline() is on: it replaces the step budget
+        self._deadline: tuple[float, str, str] | None = None
         self._stop = threading.Event()
         self._thread = None
         if factor > 0:
+            self._start()
+
+    def _start(self) -> None:
+        if self._thread is None:
             self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
             self._thread.start()
 
@@ -109,16 +115,39 @@ class Watchdog:
             self._last = time.monotonic()
             self._paused = False
 
+    @contextmanager
+    def deadline(self, seconds: float, what: str, key: str):
+        """Work that is not a step but must not hang either (a checkpoint save): over SECONDS
+        it is abandoned like a hung step, the message naming WHAT and the config KEY. Runs
+        even when the step watchdog is off (train.watchdog_factor=0)."""
+        self._deadline = (seconds, what, key)
+        self._last = time.monotonic()
+        self._start()
+        try:
+            yield
+        finally:
+            self._deadline = None
+            self._last = time.monotonic()
+
     def _watch(self) -> None:
         while not self._stop.wait(min(1.0, self.min_seconds / 4)):
             waited = time.monotonic() - self._last
-            if self._paused or waited <= self.budget():
+            deadline = self._deadline
+            if deadline is not None:
+                seconds, what, key = deadline
+                if waited <= seconds:
+                    continue
+                message = (f"rank {self.rank}: watchdog: {what} has run {waited:.0f} s, over "
+                           f"{key}={seconds:g}; abandoning it (a checkpoint is only ever published whole). "
+                           f"Python stacks of every thread follow, then exit {EXIT_HUNG}\n")
+            elif self._paused or self.factor <= 0 or waited <= self.budget():
                 continue
-            message = (f"rank {self.rank}: watchdog: step {self._step + 1} has run {waited:.0f} s, "
-                       f"over its budget of {self.budget():.0f} s (train.watchdog_factor="
-                       f"{self.factor:g} x the median step, at least train.watchdog_min_s="
-                       f"{self.min_seconds:g}); Python stacks of every thread follow, then exit "
-                       f"{EXIT_HUNG}\n")
+            else:
+                message = (f"rank {self.rank}: watchdog: step {self._step + 1} has run "
+                           f"{waited:.0f} s, over its budget of {self.budget():.0f} s "
+                           f"(train.watchdog_factor={self.factor:g} x the median step, at least "
+                           f"train.watchdog_min_s={self.min_seconds:g}); Python stacks of every "
+                           f"thread follow, then exit {EXIT_HUNG}\n")
             os.write(2, message.encode())
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             sys.stderr.flush()

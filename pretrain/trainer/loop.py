@@ -262,7 +262,7 @@ class Trainer:
                 self.hooks.on_step_end(self, record)
             self.guard.check(self.state.step, out["loss"], out["grad_norm"])
             stopping = self.stops is not None and self.stops.agreed(self.device)
-            with watchdog.paused():
+            with self._save_deadline(watchdog, f"the save of step {self.state.step}"):
                 if self._should_save(last, stopping):
                     saving = time.perf_counter()
                     self.checkpointer.save(self.state.step)
@@ -272,15 +272,21 @@ class Trainer:
                     self.checkpointer.wait(block=False)  # publish a finished background save
             if stopping:
                 if self.checkpointer is not None:
-                    with watchdog.paused():
+                    with self._save_deadline(watchdog, "the wait for the last save"):
                         self.checkpointer.wait()
                 log(f"stopped by a signal after step {self.state.step}; requeue the job to resume")
                 return "signal"
             watchdog.beat(self.state.step)
         if self.checkpointer is not None:
-            with watchdog.paused():
+            with self._save_deadline(watchdog, "the wait for the last save"):
                 self.checkpointer.wait()
         return "done"
+
+    def _save_deadline(self, watchdog: Watchdog, what: str):
+        """Saves are not steps (no step budget), but may not hang: SIGTERM during a save is
+        honoured within this deadline at the latest."""
+        return watchdog.deadline(self.cfg.checkpoint.save_timeout_s, what,
+                                 "checkpoint.save_timeout_s")
 
     def _should_save(self, last: int, stopping: bool) -> bool:
         if self.checkpointer is None:
