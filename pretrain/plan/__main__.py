@@ -102,7 +102,7 @@ def cmd_budget(args) -> int:
         flops = args.gpus * peak_tflops(args.gpu.upper()) * 1e12 * args.mfu * args.days * 86400
     plan = make_plan(law, args.gpus, args.gpu, args.mfu, args.vocab, args.seq_length, memory,
                      flops=flops, params=args.params, tokens=args.tokens)
-    cfg, m, p = plan.cfg, plan.cfg.model, plan.cfg.parallel
+    cfg, m = plan.cfg, plan.cfg.model
     cfg.run.dir = f"runs/{args.name}"
     cfg.data.train = [{"path": args.data, "weight": 1.0}]
     print(_describe_law(law))
