@@ -45,9 +45,18 @@ ADDRESS="$HEAD_IP:$RAY_PORT"
 # stop every Ray cluster of the user on the node).
 RAY_TMP=${RAY_TMP:-/tmp/ray-${SLURM_JOB_ID:-$$}}
 say() { echo "[$(date '+%F %T')] shard.sh: $*"; }
-# `ray start` turns on token authentication (the token lives in ~/.ray/auth_token, shared
-# through the home directory); drivers must send it too.
+# Token authentication: one random token per job, handed to every node's Ray and to the
+# drivers in the environment srun passes on (never on disk). Ray's default, ~/.ray/auth_token,
+# exists only where some earlier command created it: without it `ray start --head` refused
+# to start on a machine that had never run Ray. A RAY_AUTH_TOKEN of the user's wins.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then
+    RAY_AUTH_TOKEN=$("$PYTHON" -c 'import secrets; print(secrets.token_hex(32))') || exit 2
+    export RAY_AUTH_TOKEN
+fi
+# Ray's own output, per step, on this node (srun brings the remote tasks' output here): its
+# last lines are printed when a node's Ray fails to start.
+RAY_LOGS=$(mktemp -d "${TMPDIR:-/tmp}/shard-ray-logs.XXXXXX") || exit 2
 
 export RAY_TMP ADDRESS  # read by stop_ray_here, also on the other nodes
 
@@ -83,6 +92,7 @@ cleanup() {
     fi
     for pid in "${STEP_PIDS[@]}"; do kill "$pid" 2>/dev/null; done
     wait 2>/dev/null
+    rm -rf "$RAY_LOGS"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -91,12 +101,13 @@ trap 'exit 143' INT TERM
 say "Ray head on $HEAD ($ADDRESS), $NNODES node(s), $CPUS CPUs each"
 srun --nodes=1 --ntasks=1 -w "$HEAD" \
     "$RAY" start --head --node-ip-address="$HEAD_IP" --port="$RAY_PORT" --num-cpus="$CPUS" \
-    --include-dashboard=false --temp-dir="$RAY_TMP" --block >/dev/null 2>&1 &
+    --include-dashboard=false --temp-dir="$RAY_TMP" --block >"$RAY_LOGS/0.log" 2>&1 &
 STEP_PIDS+=($!)
 STEP_NAMES=("the Ray head on $HEAD")
 if [ "$NNODES" -gt 1 ]; then
     srun --nodes=$((NNODES - 1)) --ntasks=$((NNODES - 1)) --ntasks-per-node=1 --exclude="$HEAD" \
-        "$RAY" start --address="$ADDRESS" --num-cpus="$CPUS" --block >/dev/null 2>&1 &
+        --label "$RAY" start --address="$ADDRESS" --num-cpus="$CPUS" --block \
+        >"$RAY_LOGS/1.log" 2>&1 &
     STEP_PIDS+=($!)
     STEP_NAMES+=("a Ray worker on the other nodes")
 fi
@@ -114,7 +125,8 @@ EOF
     for i in "${!STEP_PIDS[@]}"; do  # a node whose Ray cannot start: fail now, not in minutes
         if ! kill -0 "${STEP_PIDS[$i]}" 2>/dev/null; then
             wait "${STEP_PIDS[$i]}"
-            say "${STEP_NAMES[$i]} exited (status $?) before all $NNODES nodes joined"
+            say "${STEP_NAMES[$i]} exited (status $?) before all $NNODES nodes joined; Ray said:"
+            grep -v '^[[:space:]]*$' "$RAY_LOGS/$i.log" | tail -n 5 | sed 's/^/    /'
             exit 3
         fi
     done

@@ -170,8 +170,12 @@ def test_preflight_fails_fast_across_nodes(slurm_two_nodes, tmp_path):
 def test_shard_over_two_nodes(slurm_two_nodes, tmp_path):
     slurm = slurm_two_nodes
     corpus, tokenizer = small_corpus(tmp_path)
+    # A home without ~/.ray (as on a machine that never ran Ray): shard.sh once depended on
+    # ~/.ray/auth_token, which only an earlier Ray command leaves; now each job makes a token.
+    home = tmp_path / "home"
+    home.mkdir()
     env = {"INPUT": str(corpus), "TOKENIZER": str(tokenizer), "SEQ_LEN": "32",
-           "SHARD_ARGS": "--val-fraction 0.1"}
+           "SHARD_ARGS": "--val-fraction 0.1", "HOME": str(home)}
     # A Ray that cannot start on node2 (a broken environment on one node), for the last job.
     broken_ray = tmp_path / "ray_fails_on_node2"
     broken_ray.write_text('#!/bin/sh\nif [ "$(hostname)" = node2 ]; then\n'
@@ -208,3 +212,5 @@ def test_shard_over_two_nodes(slurm_two_nodes, tmp_path):
     assert infos["fails_on_node2"]["JobState"] == "FAILED", out["fails_on_node2"]
     assert "a Ray worker on the other nodes exited (status 1) before all 2 nodes joined" \
         in out["fails_on_node2"]
+    assert "ray: broken on node2" in out["fails_on_node2"]  # Ray's own words, not /dev/null
+    assert not (home / ".ray").exists()  # no token left in the user's home
