@@ -20,6 +20,9 @@ VARIANTS = {
     "gqa": ["model.num_query_groups=2"],
     "gqa-untied-bias-default-ffn": ["model.num_query_groups=2", "model.tie_embeddings=false",
                                     "model.bias=true", "model.ffn_hidden_size=0"],
+    # Qwen2/Qwen3 options: q/k/v biases only, per-head q/k norms, head_dim != hidden/heads
+    "gqa-qkv-bias-qk-norm-head-dim": ["model.num_query_groups=2", "model.qkv_bias=true",
+                                      "model.qk_norm=true", "model.head_dim=32"],
 }
 
 
@@ -60,7 +63,8 @@ def test_rank_parameters_tensor_parallel_matches_partitioning(smoke_config, buil
     """The TP=1 model's parameters carry megatron's partitioning attributes; dividing the
     partitioned ones by TP gives what one TP rank holds."""
     for overrides in (VARIANTS["rmsnorm-swiglu-rope-tied"],
-                      VARIANTS["layernorm-gelu-learned-untied-bias"]):
+                      VARIANTS["layernorm-gelu-learned-untied-bias"],
+                      VARIANTS["gqa-qkv-bias-qk-norm-head-dim"]):
         cfg = smoke_config(*overrides)
         (model,) = build_model(cfg)
         expected = sum(p.numel() // tp if getattr(p, "tensor_model_parallel", False) else p.numel()

@@ -29,9 +29,15 @@ class ModelConfig:
     normalization: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     activation: Literal["swiglu", "gelu"] = "swiglu"
     tie_embeddings: bool = True
+    head_dim: int = 0  # per-head q/k/v width (megatron's kv_channels); 0: hidden_size / heads
     init_std: float = 0.02
     norm_eps: float = 1e-5
-    bias: bool = False
+    bias: bool = False  # biases on every linear (attention and MLP)
+    qkv_bias: bool = False  # biases on the q/k/v projection only (Qwen2); implied by bias
+    qk_norm: bool = False  # per-head norm (model.normalization) of q and k before RoPE (Qwen3)
+    # {} : plain RoPE. Llama 3.x's frequency scaling: {type: llama3, factor: 8,
+    # low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192}
+    rope_scaling: dict = field(default_factory=dict)
     dropout: float = 0.0
     vocab_size: int = 0  # 0: the tokenizer's; larger reserves rows (must be >= the tokenizer's)
     make_vocab_size_divisible_by: int = 128
@@ -43,6 +49,10 @@ class ModelConfig:
     @property
     def query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @property
     def ffn_size(self) -> int:

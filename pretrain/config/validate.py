@@ -42,22 +42,54 @@ def _check_model(m: ModelConfig) -> None:
                    "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by})
     _not_negative({"model.init_std": m.init_std, "model.vocab_size": m.vocab_size,
                    "model.num_query_groups": m.num_query_groups,
-                   "model.ffn_hidden_size": m.ffn_hidden_size})
+                   "model.ffn_hidden_size": m.ffn_hidden_size, "model.head_dim": m.head_dim})
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
-    if m.hidden_size % m.num_attention_heads:
+    if m.hidden_size % m.num_attention_heads and not m.head_dim:
         raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} does not divide "
-                          f"model.hidden_size={m.hidden_size}; use one of {_divisors(m.hidden_size)}")
+                          f"model.hidden_size={m.hidden_size}; use one of {_divisors(m.hidden_size)}"
+                          f" or set model.head_dim")
     if m.num_attention_heads % m.query_groups:
         raise ConfigError(f"model.num_query_groups={m.num_query_groups} does not divide "
                           f"model.num_attention_heads={m.num_attention_heads}; "
                           f"use one of {_divisors(m.num_attention_heads)}")
-    if m.position_embedding == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
-        raise ConfigError(f"RoPE needs an even head dimension, got hidden_size/heads="
-                          f"{m.hidden_size // m.num_attention_heads}; change model.num_attention_heads")
+    if m.position_embedding == "rope" and m.kv_channels % 2:
+        raise ConfigError(f"RoPE needs an even head dimension, got {m.kv_channels} "
+                          f"(model.head_dim, or hidden_size/heads); change model.head_dim or "
+                          f"model.num_attention_heads")
+    _check_rope_scaling(m)
     if m.position_embedding == "sinusoidal" and m.hidden_size % 2:
         raise ConfigError(f"sinusoidal positions need an even model.hidden_size, got "
                           f"{m.hidden_size}")
+
+
+ROPE_SCALING_KEYS = ("type", "factor", "low_freq_factor", "high_freq_factor",
+                     "original_max_position_embeddings")
+
+
+def _check_rope_scaling(m: ModelConfig) -> None:
+    """model.rope_scaling: {} or Llama 3.x's five keys, each named when wrong."""
+    scaling = m.rope_scaling
+    if not scaling:
+        return
+    if m.position_embedding != "rope":
+        raise ConfigError(f"model.rope_scaling needs model.position_embedding=rope, got "
+                          f"{m.position_embedding!r}; drop model.rope_scaling")
+    wrong = sorted(set(scaling) ^ set(ROPE_SCALING_KEYS))
+    if wrong or scaling["type"] != "llama3":
+        raise ConfigError(f"model.rope_scaling={scaling}: give exactly {{type: llama3, factor, "
+                          f"low_freq_factor, high_freq_factor, original_max_position_embeddings}}"
+                          f" (llama3 is the one scaling supported){'; wrong keys: ' if wrong else ''}"
+                          f"{', '.join(map(str, wrong))}")
+    for key in ROPE_SCALING_KEYS[1:]:
+        value = scaling[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"model.rope_scaling.{key}={value!r} must be a positive number")
+    if scaling["factor"] < 1:
+        raise ConfigError(f"model.rope_scaling.factor={scaling['factor']} must be >= 1")
+    if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ConfigError(f"model.rope_scaling.high_freq_factor={scaling['high_freq_factor']} "
+                          f"must exceed low_freq_factor={scaling['low_freq_factor']}")
 
 
 def _check_train(cfg: Config) -> None:

@@ -1,10 +1,10 @@
-"""The mapping between our GPT and Hugging Face's Llama architecture, both ways: config
-fields, parameter names and tensor layouts (used by export_hf.py and hf_import.py).
+"""The tensor mapping between our GPT and Hugging Face's Llama, Qwen2 and Qwen3 state dicts,
+both ways: parameter names and layouts (config.json fields: families.py).
 
-Our model is exactly Llama when it uses RoPE (non-interleaved, as HF's rotate_half),
-RMSNorm, SwiGLU and no biases; GQA and tied or untied embeddings map one to one. Learned
-positions, LayerNorm, GELU and biases have no faithful Llama equivalent: they are refused
-with one line naming the setting rather than exported as a model that computes something else.
+Our fused linear_qkv holds, per query group, its q heads then its k and v head ([groups *
+(heads/groups + 2) * head_dim] rows, its bias alike); HF keeps q_proj, k_proj and v_proj
+apart. SwiGLU's linear_fc1 is [gate; up]. Qwen3's q_norm/k_norm are our q_layernorm /
+k_layernorm (one head_dim vector each, shared by every head).
 """
 
 from __future__ import annotations
@@ -13,88 +13,58 @@ import torch
 
 from pretrain.errors import CheckpointError
 
-# setting -> (value Llama needs, why)
-LLAMA_NEEDS = {
-    "position_embedding": ("rope", "Llama has no learned position table"),
-    "normalization": ("rmsnorm", "Llama uses RMSNorm"),
-    "activation": ("swiglu", "Llama's MLP is SwiGLU"),
-    "bias": (False, "Llama here is exported without biases"),
-}
+
+def _shape(model: dict) -> tuple[int, int, int]:
+    """(heads, query groups, head_dim) of cfg.model as a dict (old checkpoints lack head_dim)."""
+    heads = model["num_attention_heads"]
+    groups = model.get("num_query_groups") or heads
+    return heads, groups, model.get("head_dim") or model["hidden_size"] // heads
 
 
-def check_llama_compatible(model: dict, where: str) -> None:
-    for key, (value, why) in LLAMA_NEEDS.items():
-        if model.get(key) != value:
-            raise CheckpointError(f"{where}: model.{key}={model.get(key)!r} has no faithful "
-                                  f"Hugging Face Llama equivalent ({why}); only models with "
-                                  f"model.{key}={value!r} export")
-
-
-def _groups(model: dict) -> int:
-    return model.get("num_query_groups") or model["num_attention_heads"]
-
-
-def _ffn(model: dict) -> int:
+def ffn_size(model: dict) -> int:
     from pretrain.config import ModelConfig
 
     return ModelConfig(activation="swiglu", hidden_size=model["hidden_size"],
                        ffn_hidden_size=model.get("ffn_hidden_size", 0)).ffn_size
 
 
-def llama_config(model: dict, vocab_size: int, special_ids: dict, dtype: str) -> dict:
-    """config.json of a LlamaForCausalLM equal to our model (model: cfg.model as a dict)."""
-    heads = model["num_attention_heads"]
-    base = float(model.get("rotary_base", 10000))
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": vocab_size,
-        "hidden_size": model["hidden_size"],
-        "intermediate_size": _ffn(model),
-        "num_hidden_layers": model["num_layers"],
-        "num_attention_heads": heads,
-        "num_key_value_heads": _groups(model),
-        "head_dim": model["hidden_size"] // heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": model["max_seq_length"],
-        "rms_norm_eps": float(model.get("norm_eps", 1e-5)),
-        # transformers < 5 reads rope_theta, 5.x rope_parameters; both say the same.
-        "rope_theta": base,
-        "rope_parameters": {"rope_type": "default", "rope_theta": base},
-        "tie_word_embeddings": bool(model["tie_embeddings"]),
-        "attention_bias": False,
-        "mlp_bias": False,
-        "attention_dropout": 0.0,
-        "initializer_range": float(model.get("init_std", 0.02)),
-        "bos_token_id": special_ids.get("bos"),
-        "eos_token_id": special_ids.get("eos"),
-        "pad_token_id": special_ids.get("pad"),
-        "torch_dtype": dtype,
-        "dtype": dtype,
-        "use_cache": True,
-    }
+def _split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int):
+    """Our [groups * (per_group + 2) * d, ...] -> (q, k, v) as HF's [n * d, ...] rows."""
+    per_group = heads // groups
+    rest = qkv.shape[1:]
+    qkv_g = qkv.reshape(groups, per_group + 2, head_dim, *rest)
+    return (qkv_g[:, :per_group].reshape(heads * head_dim, *rest),
+            qkv_g[:, per_group].reshape(groups * head_dim, *rest),
+            qkv_g[:, per_group + 1].reshape(groups * head_dim, *rest))
+
+
+def _join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int,
+              head_dim: int) -> torch.Tensor:
+    rest = q.shape[1:]
+    q_g = q.reshape(groups, heads // groups, head_dim, *rest)
+    k_g, v_g = (t.reshape(groups, 1, head_dim, *rest) for t in (k, v))
+    return torch.cat([q_g, k_g, v_g], dim=1).reshape(-1, *rest)
 
 
 def to_hf(state: dict[str, torch.Tensor], model: dict, vocab_size: int) -> dict[str, torch.Tensor]:
-    """Our full-shape state (checkpoint/weights.py names) -> LlamaForCausalLM's state dict.
+    """Our full-shape state (checkpoint/weights.py names) -> the HF family's state dict.
     The embedding (and output) rows beyond the tokenizer's vocabulary are padding and dropped."""
-    heads, groups = model["num_attention_heads"], _groups(model)
-    head_dim = model["hidden_size"] // heads
-    per_group = heads // groups
+    heads, groups, head_dim = _shape(model)
     out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab_size],
            "model.norm.weight": state["decoder.final_layernorm.weight"]}
     if not model["tie_embeddings"]:
         out["lm_head.weight"] = state["output_layer.weight"][:vocab_size]
     for i in range(model["num_layers"]):
+        ours, hf = f"layers.{i}.self_attention.", f"model.layers.{i}.self_attn."
+        parts = ["weight"] + (["bias"] if model.get("qkv_bias") else [])
+        for part in parts:
+            q, k, v = _split_qkv(state[ours + "linear_qkv." + part], heads, groups, head_dim)
+            out.update({f"{hf}q_proj.{part}": q, f"{hf}k_proj.{part}": k, f"{hf}v_proj.{part}": v})
+        out[hf + "o_proj.weight"] = state[ours + "linear_proj.weight"]
+        if model.get("qk_norm"):
+            out[hf + "q_norm.weight"] = state[ours + "q_layernorm.weight"]
+            out[hf + "k_norm.weight"] = state[ours + "k_layernorm.weight"]
         ours, hf = f"layers.{i}.", f"model.layers.{i}."
-        qkv = state[ours + "self_attention.linear_qkv.weight"]
-        hidden = qkv.shape[1]
-        # [groups * (per_group + 2) * d, h] -> per group: its q heads, then k, then v
-        qkv_g = qkv.reshape(groups, per_group + 2, head_dim, hidden)
-        out[hf + "self_attn.q_proj.weight"] = qkv_g[:, :per_group].reshape(heads * head_dim, hidden)
-        out[hf + "self_attn.k_proj.weight"] = qkv_g[:, per_group].reshape(groups * head_dim, hidden)
-        out[hf + "self_attn.v_proj.weight"] = qkv_g[:, per_group + 1].reshape(groups * head_dim, hidden)
-        out[hf + "self_attn.o_proj.weight"] = state[ours + "self_attention.linear_proj.weight"]
         gate, up = state[ours + "mlp.linear_fc1.weight"].chunk(2, dim=0)
         out[hf + "mlp.gate_proj.weight"] = gate
         out[hf + "mlp.up_proj.weight"] = up
@@ -106,11 +76,10 @@ def to_hf(state: dict[str, torch.Tensor], model: dict, vocab_size: int) -> dict[
 
 def from_hf(tensors: dict[str, torch.Tensor], model: dict, padded_vocab_size: int,
             where: str) -> dict[str, torch.Tensor]:
-    """LlamaForCausalLM's state dict -> our full-shape state. Rows beyond the HF vocabulary
+    """The HF family's state dict -> our full-shape state. Rows beyond the HF vocabulary
     (our padding) are zero: their logits are 0, not -inf, so they take a little probability
     until trained down; pick model.make_vocab_size_divisible_by so there are none."""
-    heads, groups = model["num_attention_heads"], _groups(model)
-    head_dim = model["hidden_size"] // heads
+    heads, groups, head_dim = _shape(model)
 
     def get(name: str) -> torch.Tensor:
         if name not in tensors:
@@ -129,15 +98,16 @@ def from_hf(tensors: dict[str, torch.Tensor], model: dict, padded_vocab_size: in
         head = tensors.get("lm_head.weight")
         state["output_layer.weight"] = pad_rows(embed if head is None else head.float())
     for i in range(model["num_layers"]):
+        ours, hf = f"layers.{i}.self_attention.", f"model.layers.{i}.self_attn."
+        parts = ["weight"] + (["bias"] if model.get("qkv_bias") else [])
+        for part in parts:
+            state[ours + "linear_qkv." + part] = _join_qkv(
+                *(get(f"{hf}{name}_proj.{part}") for name in "qkv"), heads, groups, head_dim)
+        state[ours + "linear_proj.weight"] = get(hf + "o_proj.weight")
+        if model.get("qk_norm"):
+            state[ours + "q_layernorm.weight"] = get(hf + "q_norm.weight")
+            state[ours + "k_layernorm.weight"] = get(hf + "k_norm.weight")
         ours, hf = f"layers.{i}.", f"model.layers.{i}."
-        q = get(hf + "self_attn.q_proj.weight")
-        hidden = q.shape[1]
-        q_g = q.reshape(groups, heads // groups, head_dim, hidden)
-        k_g = get(hf + "self_attn.k_proj.weight").reshape(groups, 1, head_dim, hidden)
-        v_g = get(hf + "self_attn.v_proj.weight").reshape(groups, 1, head_dim, hidden)
-        state[ours + "self_attention.linear_qkv.weight"] = torch.cat([q_g, k_g, v_g], dim=1) \
-            .reshape(-1, hidden)
-        state[ours + "self_attention.linear_proj.weight"] = get(hf + "self_attn.o_proj.weight")
         state[ours + "mlp.linear_fc1.weight"] = torch.cat(
             [get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")], dim=0)
         state[ours + "mlp.linear_fc2.weight"] = get(hf + "mlp.down_proj.weight")

@@ -1,4 +1,4 @@
-"""Export a checkpoint as a Hugging Face Llama directory that transformers loads with no code
+"""Export a checkpoint as a Hugging Face Llama, Qwen2 or Qwen3 directory that transformers loads with no code
 of ours (the command line is pretrain/export_hf.py).
 
 DIR gets config.json, generation_config.json, safetensors weights (sharded above
@@ -20,7 +20,8 @@ import torch
 from pretrain.checkpoint.weights import CheckpointWeights, read_weights
 from pretrain.errors import CheckpointError
 from pretrain.files import file_sha256, fsync_dir, fsync_tree, temp_path
-from pretrain.hf.convert import check_llama_compatible, llama_config, to_hf
+from pretrain.hf.convert import ffn_size, to_hf
+from pretrain.hf.families import check_exportable, hf_config
 from pretrain.hf.tokenizer import write_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -112,7 +113,7 @@ def export(checkpoint: str, output: Path, tokenizer: str | None = None, dtype: s
         shutil.rmtree(leftover, ignore_errors=True)
     weights = read_weights(checkpoint, verify=verify)
     model = weights.model_config
-    check_llama_compatible(model, str(weights.path))
+    check_exportable(model, str(weights.path))
     tokenizer_path = find_tokenizer(weights, tokenizer)
     staging = temp_path(output)
     shutil.rmtree(staging, ignore_errors=True)
@@ -124,7 +125,7 @@ def export(checkpoint: str, output: Path, tokenizer: str | None = None, dtype: s
         tensors = {name: t.to(DTYPES[dtype]) for name, t in
                    to_hf(weights.state, model, weights.vocab_size).items()}
         write_safetensors(tensors, staging, max_shard_size)
-        config = llama_config(model, weights.vocab_size, special_ids, dtype)
+        config = hf_config(model, ffn_size(model), weights.vocab_size, special_ids, dtype)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         generation = {"bos_token_id": special_ids.get("bos"), "eos_token_id": special_ids.get("eos"),
                       "pad_token_id": special_ids.get("pad")}

@@ -23,13 +23,16 @@ from pretrain.parallel import REDUCE_BUCKET_ELEMENTS
 def layer_parameters(cfg: Config) -> int:
     m = cfg.model
     h, f = m.hidden_size, m.ffn_size
-    head_dim = h // m.num_attention_heads
+    head_dim = m.kv_channels
     qkv_out = (m.num_attention_heads + 2 * m.query_groups) * head_dim
-    norm = 2 * h if m.normalization == "layernorm" else h
+    norm_params = 2 if m.normalization == "layernorm" else 1
+    norm = norm_params * h
     attn = h * qkv_out + m.num_attention_heads * head_dim * h
     mlp = h * f * (2 if m.activation == "swiglu" else 1) + f * h
     bias = (qkv_out + h + f * (2 if m.activation == "swiglu" else 1) + h) if m.bias else 0
-    return attn + mlp + 2 * norm + bias
+    bias += qkv_out if m.qkv_bias and not m.bias else 0
+    qk_norm = 2 * norm_params * head_dim if m.qk_norm else 0
+    return attn + mlp + 2 * norm + bias + qk_norm
 
 
 def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
@@ -58,25 +61,29 @@ def rank_parameter_list(cfg: Config, vocab_size: int, pp_rank: int) -> list[tupl
     QKV projections, MLP norm, fc1, fc2; final norm and output layer last."""
     m, p = cfg.model, cfg.parallel
     tp, pp, h, f = p.tensor_parallel, p.pipeline_parallel, m.hidden_size, m.ffn_size
-    head_dim = h // m.num_attention_heads
+    head_dim = m.kv_channels
     qkv_out = (m.num_attention_heads + 2 * m.query_groups) * head_dim
     vocab = parameter_counts(cfg, vocab_size)["padded_vocab_size"]
     norm = [(h, False)] + ([(h, False)] if m.normalization == "layernorm" else [])
     fc1_out = f * (2 if m.activation == "swiglu" else 1)
 
-    def linear(rows, cols, column_parallel):
+    def linear(rows, cols, column_parallel, bias=m.bias):
         weight = [(rows * cols // tp, True)]
-        if not m.bias:
+        if not bias:
             return weight
         return weight + [((rows // tp) if column_parallel else rows, False)]
+
+    # megatron's attention registers its q and k norms (replicated) after the projections
+    qk_norm = [(head_dim, False)] * (2 if m.normalization == "layernorm" else 1) * 2 \
+        if m.qk_norm else []
 
     out: list[tuple[int, bool]] = []
     if pp_rank == 0:
         out.append((vocab * h // tp, True))
         if m.position_embedding == "learned":
             out.append((m.max_seq_length * h, True))
-    layer = (norm + linear(h, m.num_attention_heads * head_dim, False) + linear(qkv_out, h, True)
-             + norm + linear(fc1_out, h, True) + linear(h, f, False))
+    layer = (norm + linear(h, m.num_attention_heads * head_dim, False)
+             + linear(qkv_out, h, True, m.bias or m.qkv_bias) + qk_norm + norm + linear(fc1_out, h, True) + linear(h, f, False))
     out += layer * (m.num_layers // pp)
     if pp_rank == pp - 1:
         out += norm

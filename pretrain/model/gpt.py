@@ -15,7 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from pretrain.config import Config
 from pretrain.model import fused, init as model_init
-from pretrain.model.layers import SinusoidalPositionEmbedding
+from pretrain.model.layers import SinusoidalPositionEmbedding, llama3_inverse_frequencies
 from pretrain.model.spec import choose_backend, decoder_block_spec
 
 
@@ -34,13 +34,14 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype) -> TransformerCon
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.query_groups,
         ffn_hidden_size=m.ffn_size,
-        kv_channels=m.hidden_size // m.num_attention_heads,
+        kv_channels=m.kv_channels,
         normalization="RMSNorm" if m.normalization == "rmsnorm" else "LayerNorm",
         layernorm_epsilon=m.norm_eps,
         gated_linear_unit=m.activation == "swiglu",
         activation_func=F.silu if m.activation == "swiglu" else F.gelu,
         add_bias_linear=m.bias,
-        add_qkv_bias=m.bias,
+        add_qkv_bias=m.bias or m.qkv_bias,
+        qk_layernorm=m.qk_norm,
         hidden_dropout=m.dropout,
         attention_dropout=m.dropout,
         init_method_std=m.init_std,
@@ -95,6 +96,8 @@ def build_model_chunks(cfg: Config, padded_vocab_size: int, params_dtype: torch.
             rotary_base=cfg.model.rotary_base,
             vp_stage=stage,
         )
+        if cfg.model.rope_scaling:
+            _scale_rope(model, cfg.model.rope_scaling)
         if cfg.model.position_embedding == "sinusoidal" and model.pre_process:
             model.embedding.position_embeddings = SinusoidalPositionEmbedding(
                 cfg.model.hidden_size, params_dtype)
@@ -103,6 +106,15 @@ def build_model_chunks(cfg: Config, padded_vocab_size: int, params_dtype: torch.
         _mark_pipeline_replicated(model)
         chunks.append(model.to(device))
     return chunks
+
+
+def _scale_rope(model: GPTModel, scaling: dict) -> None:
+    """Llama 3.x frequencies in place of megatron's plain ones (before any forward: the
+    rotary module caches its tables per sequence length)."""
+    rotary = model.rotary_pos_emb
+    rotary.inv_freq = llama3_inverse_frequencies(
+        rotary.inv_freq, float(scaling["factor"]), float(scaling["low_freq_factor"]),
+        float(scaling["high_freq_factor"]), scaling["original_max_position_embeddings"])
 
 
 def _mark_pipeline_replicated(model: GPTModel) -> None:

@@ -1,13 +1,16 @@
 """Local (non-Transformer-Engine) building blocks plugged into megatron-core's layer specs.
 
 Two modules replace megatron's local defaults: a norm that supports sequence parallelism
-(megatron's torch fallback refuses it) and a core attention that calls torch's
+(megatron's torch fallback refuses it; HeadNorm is its per-head q/k variant) and a core attention that calls torch's
 scaled_dot_product_attention (flash / memory-efficient kernels on GPU, a fused CPU kernel
 otherwise) instead of megatron's unfused softmax(QK^T)V. A third, the fixed sinusoidal
-position table, stands in for megatron's learned one (it has none).
+position table, stands in for megatron's learned one (it has none). llama3_inverse_frequencies
+gives RoPE Llama 3.x's scaled frequencies.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +55,40 @@ class Norm(torch.nn.Module):
         if self.rms:
             return fused.rms_norm(x, weight, self.eps)
         return fused.layer_norm(x, weight, bias, self.eps)
+
+
+class HeadNorm(Norm):
+    """The q/k norm (model.qk_norm): one weight of head_dim, shared by every head.
+
+    Each TP rank normalizes its own heads with the replicated weight, so its gradient there
+    is partial whether or not the sequence is split: the weight always passes megatron's
+    copy-to-TP-region (identity forward, TP all-reduce backward; a no-op at TP1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = tensor_parallel.copy_to_tensor_model_parallel_region(self.weight)
+        if self.rms:
+            return fused.rms_norm(x, weight, self.eps)
+        bias = tensor_parallel.copy_to_tensor_model_parallel_region(self.bias)
+        return fused.layer_norm(x, weight, bias, self.eps)
+
+
+def llama3_inverse_frequencies(inverse_frequency: torch.Tensor, factor: float,
+                               low_freq_factor: float, high_freq_factor: float,
+                               original_max_position_embeddings: int) -> torch.Tensor:
+    """Llama 3.x's RoPE scaling (Meta's reference model, `apply_scaling`): wavelengths
+    shorter than original/high_freq_factor keep their frequency, those longer than
+    original/low_freq_factor are slowed by `factor`, and the band between blends the two
+    linearly in original/wavelength. megatron's RotaryEmbedding fixes all but `factor`
+    (1, 4, 8192 = Llama 3.1), so Llama 3.2's and small test models' settings are done here."""
+    wavelength = 2 * math.pi / inverse_frequency
+    low_wavelength = original_max_position_embeddings / low_freq_factor
+    high_wavelength = original_max_position_embeddings / high_freq_factor
+    smooth = (original_max_position_embeddings / wavelength - low_freq_factor) \
+        / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inverse_frequency / factor + smooth * inverse_frequency
+    scaled = torch.where(wavelength > low_wavelength, inverse_frequency / factor, inverse_frequency)
+    middle = (wavelength >= high_wavelength) & (wavelength <= low_wavelength)
+    return torch.where(middle, blended, scaled)
 
 
 class SDPAttention(MegatronModule):

@@ -23,7 +23,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from pretrain.model.layers import Norm, SDPAttention
+from pretrain.model.layers import HeadNorm, Norm, SDPAttention
 
 
 def transformer_engine_usable() -> bool:
@@ -48,7 +48,7 @@ def choose_backend(requested: str, document_masks: bool = False) -> str:
     return requested
 
 
-def local_layer_spec() -> ModuleSpec:
+def local_layer_spec(qk_norm: bool = False) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -60,8 +60,8 @@ def local_layer_spec() -> ModuleSpec:
                     linear_qkv=ColumnParallelLinear,
                     core_attention=SDPAttention,
                     linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=HeadNorm if qk_norm else IdentityOp,
+                    k_layernorm=HeadNorm if qk_norm else IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
@@ -73,10 +73,14 @@ def local_layer_spec() -> ModuleSpec:
     )
 
 
-def te_layer_spec() -> ModuleSpec:
+def te_layer_spec(qk_norm: bool = False) -> ModuleSpec:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-    return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+    if qk_norm:  # ours: its weight gradient is summed over the TP ranks' heads (layers.py)
+        attention = spec.submodules.self_attention.submodules
+        attention.q_layernorm = attention.k_layernorm = HeadNorm
+    return spec
 
 
 def decoder_block_spec(transformer_config, backend: str, vp_stage: int | None):
@@ -84,8 +88,8 @@ def decoder_block_spec(transformer_config, backend: str, vp_stage: int | None):
     if backend == "te":
         from megatron.core.extensions.transformer_engine import TENorm
 
-        layer, final_norm = te_layer_spec(), TENorm
+        layer, final_norm = te_layer_spec(transformer_config.qk_layernorm), TENorm
     else:
-        layer, final_norm = local_layer_spec(), Norm
+        layer, final_norm = local_layer_spec(transformer_config.qk_layernorm), Norm
     num_layers = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)

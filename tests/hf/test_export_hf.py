@@ -129,13 +129,13 @@ def test_bad_input_is_one_line(trained_run, tmp_path):
                                             ("activation", "gelu"), ("bias", True)])
 def test_variants_without_a_llama_equivalent_are_refused(setting, value):
     from pretrain.checkpoint.store import CheckpointError
-    from pretrain.hf.convert import check_llama_compatible
+    from pretrain.hf.families import check_exportable
 
     model = {"position_embedding": "rope", "normalization": "rmsnorm", "activation": "swiglu",
              "bias": False}
-    check_llama_compatible(model, "ckpt")
+    check_exportable(model, "ckpt")
     with pytest.raises(CheckpointError, match=f"model.{setting}={value!r} has no faithful"):
-        check_llama_compatible({**model, setting: value}, "ckpt")
+        check_exportable({**model, setting: value}, "ckpt")
 
 
 @pytest.mark.slow

@@ -85,12 +85,12 @@ def test_model_that_does_not_fit_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("override, edit, message", [
-    ("model.rotary_base=500000", {}, "config.json rope_theta=10000.0 but model.rotary_base=500000"),
+    ("model.rotary_base=500000", {}, "config.json rope_theta=10000 but model.rotary_base=500000 here; set model.rotary_base=10000"),
     ("model.num_query_groups=4", {}, "num_key_value_heads=2 but model.num_query_groups=4"),
     ("model.tie_embeddings=false", {}, "tie_word_embeddings=True but model.tie_embeddings=False"),
     ("model.vocab_size=0", {"vocab_size": 512}, "vocab_size=512 exceeds this run's 384 rows"),
     ("model.vocab_size=0", {"hidden_act": "gelu"}, "hidden_act='gelu'; only 'silu' imports"),
-    ("model.vocab_size=0", {"model_type": "gpt2"}, "model_type='gpt2'; only Llama-architecture"),
+    ("model.vocab_size=0", {"model_type": "gpt2"}, "model_type='gpt2'; only 'llama', 'qwen2', 'qwen3'"),
     ("model.activation=gelu", {}, "model.activation='gelu' has no faithful"),
 ])
 def test_each_misfit_names_its_field(override, edit, message, tmp_path):
