@@ -96,9 +96,9 @@ def test_frozen_parameters_are_left_out():
     assert len(held) == len(list(model.parameters())) - 1
 
 
-@pytest.mark.parametrize("warmup", [0, 10])
-def test_scheduler_follows_lr_at(warmup):
-    cfg = _cfg(warmup_steps=warmup)
+@pytest.mark.parametrize("warmup, lr", [(0, None), (10, None), (10, 0.0)])
+def test_scheduler_follows_lr_at(warmup, lr):
+    cfg = _cfg(warmup_steps=warmup, **({} if lr is None else {"lr": lr, "min_lr": 0.0}))
     model = _toy_model()
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, TOTAL)

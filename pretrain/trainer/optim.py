@@ -71,4 +71,6 @@ class ConfigSchedule(torch.optim.lr_scheduler.LambdaLR):
 def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> ConfigSchedule:
     # Not megatron's OptimizerParamScheduler: checkpoints store a LambdaLR state (the step).
     # tests/test_optim.py checks these shapes against megatron's formulas.
-    return ConfigSchedule(optimizer, lambda step: lr_at(step, cfg, total_steps) / cfg.lr)
+    # optim.lr=0 (a frozen run, e.g. to measure or to check a resume) is a factor of 0, not 0/0.
+    return ConfigSchedule(optimizer, lambda step: lr_at(step, cfg, total_steps) / cfg.lr
+                          if cfg.lr else 0.0)
