@@ -172,7 +172,7 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
     checkpointer = Checkpointer(
         cfg, layout, data, device, training_parts(scheduler, loader, state),
         tensor_parts(cfg, layout, zero.engine, chunks),
-        initial_weights=initial_weights(cfg, layout.padded_vocab_size, data.vocab_size))
+        initial_weights=initial_weights(cfg, layout.padded_vocab_size, data))
     trainer = Trainer(cfg, layout, zero, chunks, model_proxies, loader, device,
                       hooks=build_hooks(cfg, run_dir.root), valid_sets=valid_sets,
                       eval_proxies=proxies(zero.engine, chunks, through_engine=False),

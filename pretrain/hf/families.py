@@ -125,9 +125,39 @@ def _rope(config: dict, where: str) -> tuple[float, dict]:
     return theta, {"type": "llama3", **{key: params[key] for key in LLAMA3_KEYS}}
 
 
+REQUIRED_INTS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                 "vocab_size")
+OPTIONAL_INTS = ("num_key_value_heads", "head_dim")
+
+
+def _check_types(config, where: str) -> None:
+    """config.json comes from outside: a missing key or a value of the wrong type is one line
+    naming it, not a KeyError or TypeError from the arithmetic below."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: config.json holds a {type(config).__name__}, not a JSON "
+                              f"object")
+
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    for key in REQUIRED_INTS + OPTIONAL_INTS:
+        value = config.get(key)
+        if key not in config and key in REQUIRED_INTS:
+            raise CheckpointError(f"{where}: config.json has no {key}; it is not a complete "
+                                  f"model config (save the model with save_pretrained)")
+        if not (whole(value) or (key in OPTIONAL_INTS and value is None)):
+            raise CheckpointError(f"{where}: config.json {key}={value!r} is not a positive "
+                                  f"integer")
+    eps = config.get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise CheckpointError(f"{where}: config.json rms_norm_eps={eps!r} is not a number in "
+                              f"(0, 1)")
+
+
 def model_fields(config: dict, where: str) -> dict:
     """Our model.* architecture settings equal to config.json's model, or one line naming
     what we cannot build."""
+    _check_types(config, where)
     family = family_of(config, where)
     refuse = [("hidden_act", config.get("hidden_act", "silu"), "silu"),
               ("mlp_bias", config.get("mlp_bias", False), False),

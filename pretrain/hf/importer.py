@@ -2,7 +2,8 @@
 directory (weights only: fresh optimizer, step 0), under any TP/PP/DP layout.
 
 config.json must describe the model this run's config builds; every difference is refused
-with one line naming both fields and the fix. Weights are read from safetensors only (never
+with one line naming both fields and the fix. The data must have been made with DIR's
+tokenizer (check_tokenizer): a model trained on another tokenizer's ids learns nothing. Weights are read from safetensors only (never
 a pickle), into our full-shape state (convert.from_hf), then each rank keeps its slice
 (checkpoint/weights.install).
 """
@@ -19,6 +20,11 @@ from pretrain.hf.convert import from_hf
 from pretrain.hf.families import HF_NAMES, check_exportable, family_of, model_fields
 
 PREFIX = "hf:"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+# Compared id for id when the data's tokenizer file is not DIR's byte for byte: prose, code,
+# accents, CJK, digits and whitespace runs, where tokenizers differ first.
+PROBE = ("Continued pretraining, 2026: deja vu, déjà vu, naïve café; 東京 and Zürich.\n"
+         "def area(r):\n    return 3.14159 * r ** 2  # 12,345.67 × 2\n\n\tEnd.")
 
 
 def is_hf(load_from: str) -> bool:
@@ -63,12 +69,62 @@ def check_fits(config: dict, cfg, padded_vocab_size: int, data_vocab_size: int, 
                               f"tokenizer")
 
 
+def check_tokenizer(path: Path, cfg, data, where: str) -> None:
+    """DIR's tokenizer against the one the data was made with: the same file (sha256), or
+    the same ids on PROBE and the same end-of-text id. Anything else is one line."""
+    from pretrain.data.build import build_tokenizer
+    from pretrain.data.tokenizers import TextTokenizer, TokenizerError, open_tokenizer
+    from pretrain.files import file_sha256
+
+    source = data.train[0]
+    files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
+    if not files:
+        raise CheckpointError(f"{where}: no {' or '.join(TOKENIZER_FILES)} in {path}; the "
+                              f"model's tokenizer is needed to check that the data was made "
+                              f"with it (save it there with tokenizer.save_pretrained)")
+    if any(file_sha256(file) == source.tokenizer_sha256 for file in files):
+        return
+    ours = build_tokenizer(cfg, data)
+    if ours is None:
+        raise CheckpointError(f"{where}: the data ({source.name}) was made with tokenizer "
+                              f"{source.tokenizer_sha256[:12]}, not {files[0].name} of {path}, "
+                              f"and that tokenizer is not readable here to compare ids; set "
+                              f"data.tokenizer=PATH")
+    try:
+        theirs = open_tokenizer(files[0])
+    except TokenizerError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+    want, got = TextTokenizer(theirs).encode(PROBE), ours.encode(PROBE)
+    why = None
+    if want != got:
+        at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+        why = (f"the ids of a probe text differ from token {at} on ({want[at:at + 3]} in "
+               f"{files[0].name}, {got[at:at + 3]} in the data's)")
+    elif theirs.eos_id() != source.eod_id:
+        why = (f"the end-of-text id differs ({theirs.eos_id()} in {files[0].name}, "
+               f"{source.eod_id} in the data's manifest)")
+    if why:
+        raise CheckpointError(f"{where}: the data ({source.name}) was not made with {path}'s "
+                              f"tokenizer: {why}; make the shards with data_tools/shard.py "
+                              f"--tokenizer {files[0]}")
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index}: unreadable ({type(err).__name__}: {err}); it needs "
+                                  f"a weight_map of tensor names to files") from None
+        # Names from outside: each must be a file of this directory, never a path that
+        # leads elsewhere (../, absolute, a subdirectory).
+        for name in files:
+            if not isinstance(name, str) or Path(name).name != name or name in ("..", "."):
+                raise CheckpointError(f"{index}: weight_map names {name!r}, not a file of "
+                                      f"{path}; refusing to read outside the model directory")
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -78,7 +134,12 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     for name in files:
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name}: listed in the index but missing")
-        tensors.update(load_file(str(path / name)))
+        try:
+            tensors.update(load_file(str(path / name)))
+        except Exception as err:  # safetensors raises its own SafetensorError, or OSError
+            raise CheckpointError(f"{path / name}: unreadable safetensors ({type(err).__name__}: "
+                                  f"{str(err)[:200]}); the file is truncated or not safetensors, "
+                                  f"copy the model again") from None
     return tensors
 
 
@@ -91,16 +152,18 @@ def load_state(load_from: str, cfg, padded_vocab_size: int, data_vocab_size: int
     return from_hf(read_safetensors(path), model, padded_vocab_size, load_from)
 
 
-def initial_weights(cfg, padded_vocab_size: int, data_vocab_size: int):
+def initial_weights(cfg, padded_vocab_size: int, data):
     """For the Checkpointer (its `initial_weights`): with `checkpoint.load_from=hf:DIR`, a
     callable returning (DIR, the model's full-shape state), called only when the run has no
-    checkpoint of its own; else None."""
+    checkpoint of its own (a resume compares the checkpoint's tokenizer hash instead); else
+    None. `data`: the run's opened data (data/build.py), whose tokenizer must be DIR's."""
     load_from = cfg.checkpoint.load_from
     if not (load_from and is_hf(load_from)):
         return None
 
     def read() -> tuple[Path, dict]:
         path = hf_dir(load_from)
-        return path, load_state(load_from, cfg, padded_vocab_size, data_vocab_size)
+        check_tokenizer(path, cfg, data, load_from)
+        return path, load_state(load_from, cfg, padded_vocab_size, data.vocab_size)
 
     return read

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from tests.hf.byte_tokenizer import save_byte_tokenizer
 from tests.launch_helpers import read_metrics, run_training
 
 BASE = ["train.steps=2", "train.exit_at_step=1", "optim.warmup_steps=1", "model.num_query_groups=2",
@@ -32,6 +33,7 @@ def make_llama(path, tie: bool, seed: int):
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
     model.save_pretrained(path)
+    save_byte_tokenizer(path)  # the embedded corpus's tokenizer: the runs train on that corpus
     return model
 
 

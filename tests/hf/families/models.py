@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from tests.hf.byte_tokenizer import save_byte_tokenizer
+
 # The smoke config's byte-level corpus: 257 ids, padded to 384 rows as the run pads them.
 VOCAB = 384
 SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -47,6 +49,7 @@ def make(family: str, path: Path, seed: int = 5):
             elif param_name.endswith(".bias"):  # away from 0: a dropped bias shows
                 param.normal_(0.0, 0.5)
     model.save_pretrained(path)
+    save_byte_tokenizer(path)  # the embedded corpus's tokenizer: the runs train on that corpus
     return model
 
 
