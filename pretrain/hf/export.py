@@ -39,9 +39,20 @@ def _fault(name: str) -> None:
 
 
 def check_output(output: Path) -> None:
+    """Before any work: the export is renamed into OUTPUT at the end, so OUTPUT must be new
+    (or an empty directory), not a symlink (the rename would replace the link, not fill its
+    target), in an existing writable directory."""
+    if output.is_symlink():
+        raise CheckpointError(f"--output {output}: is a symlink; name the directory itself "
+                              f"(an export never writes through a link)")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise CheckpointError(f"--output {output}: exists and is not an empty directory; "
                               f"choose a new path (an export never overwrites)")
+    parent = output.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"--output {output}: {parent} is not a directory; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"--output {output}: {parent} is not writable; choose another path")
 
 
 def find_tokenizer(weights: CheckpointWeights, given: str | None) -> Path | None:

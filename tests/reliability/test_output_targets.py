@@ -30,3 +30,20 @@ def test_an_unwritable_output_is_named_before_any_work(tmp_path, capsys, make, r
 
 def test_a_writable_output_passes(tmp_path):
     assert unwritable(tmp_path / "out.json") is None
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda d: os.symlink(d / "elsewhere", d / "out") or d / "out", "is a symlink"),
+    (lambda d: d / "missing" / "out", "missing is not a directory; create it first"),
+    (lambda d: (d / "out").mkdir() or (d / "out" / "x").write_text("") or d / "out",
+     "exists and is not an empty directory"),
+])
+def test_export_refuses_an_output_it_cannot_publish_before_reading_anything(tmp_path, capsys,
+                                                                            make, reason):
+    from pretrain.export_hf import main as export
+
+    out = make(tmp_path)
+    assert export([str(tmp_path / "no-run"), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"export error: --output {out}: ") and reason in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "elsewhere").exists()
