@@ -125,8 +125,7 @@ def _rope(config: dict, where: str) -> tuple[float, dict]:
     return theta, {"type": "llama3", **{key: params[key] for key in LLAMA3_KEYS}}
 
 
-REQUIRED_INTS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
-                 "vocab_size")
+REQUIRED_INTS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
 OPTIONAL_INTS = ("num_key_value_heads", "head_dim")
 
 

@@ -59,7 +59,10 @@ def check_fits(config: dict, cfg, padded_vocab_size: int, data_vocab_size: int, 
             hf_value = family_of(config, where) if hf_key == "model_type" else value
             raise CheckpointError(f"{where}: config.json {hf_key}={hf_value!r} but model.{key}="
                                   f"{ours[key]!r} here; set model.{key}={value!r}")
-    vocab = config["vocab_size"]
+    vocab = config.get("vocab_size")
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise CheckpointError(f"{where}: config.json vocab_size={vocab!r} is not a positive "
+                              f"integer")
     if vocab > padded_vocab_size:
         raise CheckpointError(f"{where}: config.json vocab_size={vocab} exceeds this run's "
                               f"{padded_vocab_size} rows; set model.vocab_size={vocab}")
