@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from pretrain.run_dir import RunDir  # noqa: E402 - the run directory's file names, no torch
 
 LAYOUT_1B = ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1",
              "parallel.sequence_parallel=false", "parallel.zero_stage=1",
@@ -51,7 +53,7 @@ def run_ours(args, out: Path) -> dict:
         f"checkpoint.interval={args.save_every}", "checkpoint.keep_last=1",
         "checkpoint.save_on_stop=false", *([f"data.train={args.data}"] if args.data else []),
         *args.set]
-    metrics = run_dir / "metrics.jsonl"
+    metrics = RunDir(run_dir).metrics
     log_path = out / "ours.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     started = time.perf_counter()

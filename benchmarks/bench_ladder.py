@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from pretrain.data.embedded import BYTE_VOCAB_SIZE  # noqa: E402
 from pretrain.plan.ladder import ladder_configs, write_ladder  # noqa: E402
+from pretrain.run_dir import LATEST, RunDir  # noqa: E402
 from pretrain.plan.law import fit_law  # noqa: E402
 from pretrain.plan.runs import read_run  # noqa: E402
 
@@ -49,8 +50,9 @@ def main() -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     for path in configs:
         run_dir = args.out / "runs" / path.stem
-        if (run_dir / "checkpoints" / "latest").exists() and any(
-                '"val_loss"' in line for line in (run_dir / "metrics.jsonl").read_text().splitlines()):
+        run = RunDir(run_dir)
+        if (run.checkpoints / LATEST).exists() and any(
+                '"val_loss"' in line for line in run.metrics.read_text().splitlines()):
             continue  # finished earlier: the benchmark resumes where it stopped
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(path)],
