@@ -194,6 +194,12 @@ def main(argv=None) -> int:
     env = pdist.detect_env()
     try:
         cfg = load_config(args.config, args.overrides)
+        if cfg.checkpoint.load_from.startswith("hf:"):  # the checkpoint defines the model
+            from pretrain.config import model_keys_given
+            from pretrain.hf.importer import adopt_architecture
+
+            adopt_architecture(cfg, model_keys_given(args.config, args.overrides),
+                               cfg.checkpoint.load_from)
         world = args.world_size if (args.dry_run and args.world_size) else env.world_size
         # A dry run plans the GPU run: bf16 is allowed and `auto` resolves to it.
         planning_cuda = has_cuda or args.dry_run

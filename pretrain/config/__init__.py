@@ -12,7 +12,7 @@ megatron_flags.py  Megatron-LM's flag spellings as our overrides
 from pretrain.config.coerce import apply_override, deep_merge, merge_into
 from pretrain.config.layout import Layout, pad_vocab
 from pretrain.config.load import (BUNDLED_CONFIGS, bundled_config_names, coerce_override,
-                                  load_config, resolve_config, save_config)
+                                  load_config, model_keys_given, resolve_config, save_config)
 from pretrain.config.schema import (CheckpointConfig, Config, DataConfig, LoggingConfig,
                                    ModelConfig, OptimConfig, ParallelConfig, RunConfig,
                                    TrainConfig, WandbConfig)
@@ -23,6 +23,6 @@ __all__ = [
     "BUNDLED_CONFIGS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "Layout",
     "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RunConfig",
     "TrainConfig", "WandbConfig", "apply_override", "bundled_config_names", "check_run_dir",
-    "coerce_override", "deep_merge", "load_config", "merge_into", "pad_vocab",
+    "coerce_override", "deep_merge", "load_config", "merge_into", "model_keys_given", "pad_vocab",
     "resolve_config", "save_config", "validate",
 ]

@@ -94,6 +94,32 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+def model_keys_given(path: str | Path, overrides: list[str] = ()) -> set[str]:
+    """The model.* keys a run config and its overrides set themselves (a preset's keys
+    included). With `checkpoint.load_from=hf:DIR` the checkpoint defines the architecture, and
+    only these may disagree with it (hf/importer.py adopt_architecture)."""
+    path = resolve_config(path)
+    keys: set[str] = set()
+
+    def preset(name: str) -> None:
+        keys.update(key for key in _model_preset(path.parent, name) if key != "name")
+
+    model = _read_yaml(path).get("model")
+    if isinstance(model, str):
+        preset(model)
+    elif isinstance(model, dict):
+        model = dict(model)
+        if "preset" in model:
+            preset(model.pop("preset"))
+        keys.update(model)
+    for item in overrides:
+        dotted, _, raw = item.partition("=")
+        section, _, key = dotted.partition(".")
+        if section == "model":
+            preset(raw) if key == "preset" else keys.add(key)
+    return keys
+
+
 def _parse_override(raw: str) -> Any:
     """A command-line value as YAML (numbers, booleans, lists, mappings), else the text."""
     try:

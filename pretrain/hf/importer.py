@@ -47,6 +47,31 @@ def read_config(path: Path) -> dict:
     return config
 
 
+def adopt_architecture(cfg, given: set[str], load_from: str) -> None:
+    """`checkpoint.load_from=hf:DIR` defines the model: every architecture field of
+    DIR/config.json goes into cfg.model, its vocab_size included (so the embedding has the
+    model's rows). A field the run config sets itself (`given`: config/load.py
+    model_keys_given) must agree, else one line naming both values; what is not architecture
+    (backend, compile, dropout, max_seq_length) is the run config's alone."""
+    config = read_config(hf_dir(load_from))
+    fields = model_fields(config, load_from)
+    vocab = config.get("vocab_size")
+    if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0:
+        fields["vocab_size"] = vocab
+    m = cfg.model
+    ours = {**vars(m), "num_query_groups": m.query_groups, "head_dim": m.kv_channels,
+            "ffn_hidden_size": m.ffn_size}
+    for key, value in fields.items():
+        if key in given and ours[key] != value:
+            hf_key = HF_NAMES.get(key, key)
+            hf_value = family_of(config, load_from) if hf_key == "model_type" else value
+            raise CheckpointError(f"{load_from}: config.json {hf_key}={hf_value!r} but "
+                                  f"model.{key}={ours[key]!r} here; set model.{key}={value!r} "
+                                  f"or drop it from the run config (the checkpoint defines "
+                                  f"the architecture)")
+        setattr(m, key, value)
+
+
 def check_fits(config: dict, cfg, padded_vocab_size: int, data_vocab_size: int, where: str) -> None:
     """Every architecture field of config.json against this run's config."""
     m = cfg.model
