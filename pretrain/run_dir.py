@@ -3,6 +3,7 @@
     RUN/config.yaml                 the resolved config (the run's identity on resume)
     RUN/metrics.jsonl               one JSON object per logged step
     RUN/tensorboard/                event files (logging.tensorboard)
+    RUN/profile/                    profiler traces (logging.profile)
     RUN/wandb_run_id                the W&B run a resumed job continues
     RUN/checkpoints/step_00000100/  one complete checkpoint (its train_state.json inside)
     RUN/checkpoints/latest          the newest complete checkpoint's name
@@ -20,6 +21,7 @@ from pathlib import Path
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
+PROFILE = "profile"
 WANDB_RUN_ID = "wandb_run_id"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -48,6 +50,10 @@ class RunDir:
     @property
     def tensorboard(self) -> Path:
         return self.root / TENSORBOARD
+
+    @property
+    def profile(self) -> Path:
+        return self.root / PROFILE
 
     @property
     def wandb_run_id(self) -> Path:

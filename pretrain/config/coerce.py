@@ -60,6 +60,14 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return _coerce_mapping(value, where)
     if annotation == list[dict]:
         return _coerce_stages(value, where)
+    if annotation == list[int]:  # a YAML list, one number, or "0,8" from the command line
+        items = value if isinstance(value, list) else str(value).split(",")
+        try:
+            numbers = [int(str(item).strip()) for item in items]
+        except ValueError:
+            raise ConfigError(f"{where}={value!r} must be a list of integers, e.g. [0, 8] or "
+                              f"0,8") from None
+        return numbers
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}={value!r} must be a mapping of "

@@ -184,12 +184,25 @@ class WandbConfig:
 
 
 @dataclass
+class ProfileConfig:
+    # torch.profiler over steps start_step .. start_step + steps - 1 (start_step 0: off), as
+    # Megatron-LM's --profile-step-start/-end: a Chrome trace per listed rank in RUN/profile/
+    # (open it in chrome://tracing or Perfetto), the top ops by self time in the log, and with
+    # `memory` a CUDA memory snapshot beside it (pytorch.org/memory_viz).
+    start_step: int = 0
+    steps: int = 3
+    memory: bool = False
+    ranks: list[int] = field(default_factory=lambda: [0])  # global ranks (--profile-ranks)
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = False  # event files under RUN/tensorboard/ (rank 0)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     # Peak dense bf16 TFLOP/s of one accelerator for MFU; 0: from the GPU's name (H100, H200,
     # A100, ...). On CPU, MFU is reported only when this is set.
     peak_tflops: float = 0.0
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass

@@ -226,6 +226,21 @@ def _check_checkpoint(c: CheckpointConfig) -> None:
                           "checkpoint whose weights start this run)")
 
 
+def _check_profile(cfg: Config, world_size: int | None) -> None:
+    p, steps = cfg.logging.profile, cfg.train.steps
+    if p.start_step == 0:
+        return
+    if p.start_step < 0 or p.steps < 1:
+        raise ConfigError(f"logging.profile.start_step={p.start_step} and .steps={p.steps} must "
+                          f"be >= 1 (start_step 0 turns the profiler off)")
+    if p.start_step + p.steps - 1 > steps:
+        raise ConfigError(f"logging.profile covers steps {p.start_step}-{p.start_step + p.steps - 1}"
+                          f", past train.steps={steps}; start it earlier or profile fewer steps")
+    if not p.ranks or min(p.ranks) < 0 or (world_size and max(p.ranks) >= world_size):
+        raise ConfigError(f"logging.profile.ranks={p.ranks} must name ranks of this run (0 to "
+                          f"{(world_size or 1) - 1})")
+
+
 def _check_logging(lg: LoggingConfig) -> None:
     if not (math.isfinite(lg.peak_tflops) and lg.peak_tflops >= 0):
         raise ConfigError(f"logging.peak_tflops={lg.peak_tflops} must be a finite number >= 0 "
@@ -247,6 +262,7 @@ def validate(cfg: Config, world_size: int | None = None, vocab_size: int | None 
     _check_data(cfg.data, cfg.train.steps)
     _check_checkpoint(cfg.checkpoint)
     _check_logging(cfg.logging)
+    _check_profile(cfg, world_size)
     if world_size is None:
         return None
     return derive_layout(cfg, world_size, vocab_size)

@@ -28,6 +28,9 @@ class Hook:
     def on_train_start(self, trainer) -> None:
         pass
 
+    def on_step_begin(self, trainer, step: int) -> None:
+        """Before every step (`step`: the one about to run), on every rank."""
+
     def on_step_end(self, trainer, record: dict) -> None:
         pass
 

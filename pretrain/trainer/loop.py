@@ -222,6 +222,7 @@ class Trainer:
         t = self.cfg.train
         stalled = None  # seconds the previous step's save kept the loop (reported next step)
         while self.state.step < last:
+            self.hooks.on_step_begin(self, self.state.step + 1)
             started = time.perf_counter()
             out = self.train_step()
             if self.device.type == "cuda":

@@ -138,4 +138,8 @@ def build_hooks(cfg, run_dir: Path) -> Hooks:
     w = cfg.logging.wandb
     if w.project and w.mode != "disabled":
         hooks.append(WandbRun(cfg, run_dir))
+    if cfg.logging.profile.start_step:
+        from pretrain.trainer.profile import StepProfiler
+
+        hooks.append(StepProfiler(cfg.logging.profile, RunDir(run_dir).profile))
     return Hooks(hooks)
