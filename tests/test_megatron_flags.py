@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 MEGATRON_ARGS = (
     "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 "
     "--virtual-pipeline-model-parallel-size 2 --sequence-parallel --use-distributed-optimizer "
-    "--recompute-granularity full --distributed-timeout-minutes 7 "
+    "--recompute-granularity full --recompute-modules core_attn mlp --distributed-timeout-minutes 7 "
     "--num-layers 8 --hidden-size 96 --ffn-hidden-size 256 --num-attention-heads 6 "
     "--group-query-attention --num-query-groups 2 --max-position-embeddings 256 "
     "--position-embedding-type learned_absolute --rotary-base 50000 --normalization LayerNorm "
@@ -37,6 +37,7 @@ EXPECTED = {
     "parallel.tensor_parallel": 2, "parallel.pipeline_parallel": 2,
     "parallel.virtual_pipeline_chunks": 2, "parallel.sequence_parallel": True,
     "parallel.zero_stage": 1, "parallel.recompute": "full", "parallel.timeout_minutes": 7,
+    "parallel.recompute_modules": ["core_attn", "mlp"],
     "model.num_layers": 8, "model.hidden_size": 96, "model.ffn_hidden_size": 256,
     "model.num_attention_heads": 6, "model.num_query_groups": 2, "model.max_seq_length": 256,
     "model.position_embedding": "learned", "model.rotary_base": 50000,

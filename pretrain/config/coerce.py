@@ -60,6 +60,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return _coerce_mapping(value, where)
     if annotation == list[dict]:
         return _coerce_stages(value, where)
+    if annotation == list[str]:  # a YAML list, or "core_attn,mlp" from the command line
+        items = value if isinstance(value, list) else str(value).split(",")
+        if not all(isinstance(item, str) for item in items):
+            raise ConfigError(f"{where}={value!r} must be a list of names, e.g. [core_attn, mlp]")
+        return [item.strip() for item in items if item.strip()]
     if annotation == list[int]:  # a YAML list, one number, or "0,8" from the command line
         items = value if isinstance(value, list) else str(value).split(",")
         try:

@@ -20,7 +20,8 @@ ALIASES: dict[str, tuple[str, object]] = {
     "--virtual-pipeline-model-parallel-size": ("parallel.virtual_pipeline_chunks", None),
     "--sequence-parallel": ("parallel.sequence_parallel", (True,)),
     "--use-distributed-optimizer": ("parallel.zero_stage", (1,)),
-    "--recompute-granularity": ("parallel.recompute", {"full": "full"}),
+    "--recompute-granularity": ("parallel.recompute", {"full": "full", "selective": "selective"}),
+    "--recompute-modules": ("parallel.recompute_modules", list),
     "--bf16": ("parallel.precision", ("bf16",)),
     "--distributed-timeout-minutes": ("parallel.timeout_minutes", None),
     "--num-layers": ("model.num_layers", None),
@@ -139,6 +140,17 @@ def translate(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
             i += 1
             continue
         key, how = ALIASES[flag]
+        if how is list:  # nargs: the words up to the next flag or `section.key=value`
+            head, eq, inline = argv[i].partition("=")
+            items, i = ([inline] if eq else []), i + 1
+            while not eq and i < len(argv) and not argv[i].startswith("--") and "=" not in argv[i]:
+                items.append(argv[i])
+                i += 1
+            if not items:
+                raise ConfigError(f"{flag} needs one or more values, e.g. {flag} core_attn mlp")
+            coerce_override(key, ",".join(items), where=f"{flag} ({key})")
+            overrides.append((flag, f"{key}={','.join(items)}"))
+            continue
         raw, i = _flag_value(argv, i, flag, takes_value=not isinstance(how, tuple))
         if isinstance(how, tuple):
             value = how[0]

@@ -70,7 +70,11 @@ class ParallelConfig:
     virtual_pipeline_chunks: int = 1  # >1: interleaved 1F1B with this many chunks per stage
     sequence_parallel: bool = False
     zero_stage: int = 1
-    recompute: Literal["none", "full"] = "none"
+    # Activation recomputation in the backward pass: "full" keeps only each layer's input (a
+    # third more compute); "selective" recomputes only `recompute_modules` (megatron-core's
+    # names: core_attn, mlp, layernorm), what long-sequence runs use.
+    recompute: Literal["none", "selective", "full"] = "none"
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     timeout_minutes: int = 30  # a collective waiting longer than this fails the run
     # DeepSpeed config keys deep-merged over ours (parallel/zero.py): a mapping, or a path to

@@ -122,8 +122,27 @@ def _check_train(cfg: Config) -> None:
                           f"train.global_batch_size={t.global_batch_size}")
 
 
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")  # megatron-core's, for a dense model
+
+
+def _check_recompute(p, backend: str) -> None:
+    if p.recompute != "selective":
+        return
+    if "layernorm" in p.recompute_modules and backend != "te":
+        # megatron-core's output-discarding checkpoint asks Transformer Engine's FP8 state
+        raise ConfigError("parallel.recompute_modules=[layernorm] needs model.backend=te "
+                          "(Transformer Engine); with the local layers use core_attn and mlp")
+    unknown = [name for name in p.recompute_modules if name not in RECOMPUTE_MODULES]
+    if unknown or not p.recompute_modules:
+        raise ConfigError(f"parallel.recompute_modules={p.recompute_modules}: "
+                          + (f"{', '.join(map(repr, unknown))} unknown; " if unknown else "empty; ")
+                          + f"choose from {', '.join(RECOMPUTE_MODULES)} (the MoE and MLA modules "
+                          f"of megatron-core have no counterpart in this model)")
+
+
 def _check_parallel(cfg: Config, cuda: bool) -> None:
     m, p, t = cfg.model, cfg.parallel, cfg.train
+    _check_recompute(p, m.backend)
     _at_least_one({"parallel.tensor_parallel": p.tensor_parallel,
                    "parallel.pipeline_parallel": p.pipeline_parallel,
                    "parallel.virtual_pipeline_chunks": p.virtual_pipeline_chunks})

@@ -157,6 +157,10 @@ def memory_per_rank(cfg: Config, vocab_size: int, data_parallel: int, bf16: bool
         per_layer = s * b * h * 34 / tp * bytes_per_value / 2
     else:
         per_layer = s * b * h * (10 + 24 / tp) * bytes_per_value / 2
+    if p.recompute == "selective" and "mlp" in p.recompute_modules:
+        # The MLP's fc1 output (gate and up for SwiGLU) is recomputed, not kept. core_attn
+        # saves next to nothing here: SDPA never stores the s x s scores these formulas omit.
+        per_layer -= s * b * 2 * m.ffn_size / tp * bytes_per_value
     in_flight = min(p.pipeline_parallel, max(1, t.global_batch_size // (b * dp)))
     activations = per_layer * layers_here * in_flight
     comm = min(REDUCE_BUCKET_ELEMENTS, params) * grad if stage >= 1 else 0

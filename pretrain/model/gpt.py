@@ -28,6 +28,9 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype) -> TransformerCon
     if p.recompute == "full":
         recompute = {"recompute_granularity": "full", "recompute_method": "uniform",
                      "recompute_num_layers": 1}
+    elif p.recompute == "selective":
+        recompute = {"recompute_granularity": "selective",
+                     "recompute_modules": list(p.recompute_modules)}
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
