@@ -97,7 +97,8 @@ def score(weights, cfg, layout, source, batches: int, device) -> dict:
     from pretrain.checkpoint.weights import install
     from pretrain.data.loader import BlendedLoader
     from pretrain.model.gpt import build_model_chunks
-    from pretrain.parallel.schedule import ChunkProxy, ModelChunks, forward_backward, global_mean_loss
+    from pretrain.parallel.schedule import (ChunkProxy, ModelChunks, flex_masks, forward_backward,
+                                            global_mean_loss)
 
     # fp32 whatever the run trained in: evaluation is cheap next to training, and exact.
     chunks = build_model_chunks(cfg, layout.padded_vocab_size, torch.float32, device)
@@ -119,7 +120,8 @@ def score(weights, cfg, layout, source, batches: int, device) -> dict:
         for _ in range(batches):
             part_sum, part_tokens = forward_backward(proxies, loader.next_step(),
                                                      cfg.train.seq_length,
-                                                     layout.micro_batch_size, forward_only=True)
+                                                     layout.micro_batch_size, forward_only=True,
+                                                     flex=flex_masks(cfg.data, device))
             loss_sum += part_sum
             num_tokens += part_tokens
     finally:

@@ -149,6 +149,11 @@ class DataConfig:
     # Per-document attention (block-diagonal causal mask) and positions restarting at each
     # document, from the boundaries stored with every sample.
     reset_attention: bool = False
+    # How the per-document mask reaches attention: "flex" builds a block mask from the segment
+    # ids for torch's flex attention (no s x s tensor; CUDA only: its backward is compiled),
+    # "dense" a [b, 1, s, s] boolean mask for SDPA (leaves the flash kernel; the CPU
+    # reference). auto: flex on CUDA, dense otherwise.
+    document_mask: Literal["auto", "flex", "dense"] = "auto"
     # Debugging aid (nanoGPT/llm.c "overfit one batch"): every step trains on the first global
     # batch again; a correct setup drives its loss towards zero.
     repeat_first_batch: bool = False

@@ -215,6 +215,19 @@ def _check_schedule(o: OptimConfig, steps: int) -> None:
                           f"raise train.steps")
 
 
+def _check_document_mask(cfg: Config, cuda: bool) -> None:
+    d = cfg.data
+    if not d.reset_attention or d.document_mask == "dense" or (d.document_mask == "auto"
+                                                                and not cuda):
+        return
+    if d.document_mask == "flex" and not cuda:
+        raise ConfigError("data.document_mask=flex needs a CUDA device (flex attention's "
+                          "backward is compiled for it); on CPU use data.document_mask=dense")
+    if cfg.model.dropout:
+        raise ConfigError(f"data.document_mask=flex has no attention dropout (model.dropout="
+                          f"{cfg.model.dropout}); set model.dropout=0 or data.document_mask=dense")
+
+
 def _check_data(d: DataConfig, steps: int) -> None:
     if not d.train:
         raise ConfigError("data.train is empty; give a shard directory from data_tools/shard.py "
@@ -279,6 +292,7 @@ def validate(cfg: Config, world_size: int | None = None, vocab_size: int | None 
     _check_parallel(cfg, cuda)
     _check_optim(cfg.optim, cfg.train.steps)
     _check_data(cfg.data, cfg.train.steps)
+    _check_document_mask(cfg, cuda)
     _check_checkpoint(cfg.checkpoint)
     _check_logging(cfg.logging)
     _check_profile(cfg, world_size)

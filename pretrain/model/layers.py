@@ -91,6 +91,40 @@ def llama3_inverse_frequencies(inverse_frequency: torch.Tensor, factor: float,
     return torch.where(middle, blended, scaled)
 
 
+def document_block_mask(segment_ids_bs: torch.Tensor):
+    """flex attention's BlockMask for causal attention within each packed document: what
+    data/loader.py's document_causal_mask says, without materializing [b, 1, s, s]. Blocks
+    wholly inside another document are skipped, not computed and masked."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, s = segment_ids_bs.shape
+
+    def same_document_causal(batch, head, q_index, kv_index):
+        return (q_index >= kv_index) & (segment_ids_bs[batch, q_index]
+                                        == segment_ids_bs[batch, kv_index])
+
+    return create_block_mask(same_document_causal, b, None, s, s, device=segment_ids_bs.device)
+
+
+_compiled_flex = None
+_last_mask: tuple = (None, None)  # (segment ids, their BlockMask): one build per micro-batch
+
+
+def _flex_attention(query, key, value, block_mask, scale, gqa):
+    """Compiled on CUDA (eager flex materializes the scores and has no fused backward);
+    eager elsewhere, which is only the forward-only CPU check of tests/test_document_mask.py."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if query.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(query, key, value, block_mask=block_mask, scale=scale,
+                              enable_gqa=gqa)
+    return flex_attention(query, key, value, block_mask=block_mask, scale=scale,
+                          enable_gqa=gqa)
+
+
 class SDPAttention(MegatronModule):
     """Causal core attention through `torch.nn.functional.scaled_dot_product_attention`.
 
@@ -121,6 +155,16 @@ class SDPAttention(MegatronModule):
         gqa = self.heads_per_partition != self.groups_per_partition
         # Dropout must differ across TP ranks (different heads) and match across DP replicas:
         # the model-parallel RNG fork gives exactly that, as in megatron's attention.
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            # [b, s] segment ids (data.document_mask=flex): flex attention over a block mask
+            # built once per micro-batch, every layer (and a recompute) reusing it.
+            global _last_mask
+            if _last_mask[0] is not attention_mask:
+                _last_mask = (attention_mask, document_block_mask(attention_mask))
+            out_bnsd = _flex_attention(q_bnsd, k_bnsd, v_bnsd, _last_mask[1],
+                                       self.softmax_scale, gqa)
+            s, b = query.shape[0], query.shape[1]
+            return out_bnsd.permute(2, 0, 1, 3).reshape(s, b, -1)
         with tensor_parallel.get_cuda_rng_tracker().fork():
             if attention_mask is None:
                 out_bnsd = F.scaled_dot_product_attention(

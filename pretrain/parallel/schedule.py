@@ -82,9 +82,20 @@ def log_partition_sb(logits_sbv: torch.Tensor) -> torch.Tensor:
     return top_sb + torch.log(tensor_parallel.reduce_from_tensor_model_parallel_region(sum_sb))
 
 
-def _forward_step(data_iterator, model, z_loss: float = 0.0):
+def flex_masks(data_cfg, device: torch.device) -> bool:
+    """Whether per-document masks go to attention as flex BlockMasks (config/schema.py
+    data.document_mask): flex explicitly, or auto on CUDA."""
+    return data_cfg.reset_attention and (data_cfg.document_mask == "flex" or (
+        data_cfg.document_mask == "auto" and device.type == "cuda"))
+
+
+def _forward_step(data_iterator, model, z_loss: float = 0.0, flex: bool = False):
     micro = next(data_iterator)
-    mask = None if micro.segment_ids is None else document_causal_mask(micro.segment_ids)
+    mask = None
+    if micro.segment_ids is not None:
+        # flex: the [b, s] segment ids themselves; the attention turns them into a block mask
+        # (model/layers.py). A tensor, so megatron's recompute can save it like any argument.
+        mask = micro.segment_ids if flex else document_causal_mask(micro.segment_ids)
     if not (z_loss and model.post_process):
         output = model(input_ids=micro.tokens, position_ids=micro.position_ids,
                        attention_mask=mask, labels=micro.labels)
@@ -110,14 +121,14 @@ def _data_iterators(micro_batches, num_chunks):
 
 
 def forward_backward(model_proxies, micro_batches, seq_length: int, micro_batch_size: int,
-                     forward_only: bool = False,
-                     z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     forward_only: bool = False, z_loss: float = 0.0,
+                     flex: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Run one global batch. Returns (loss_sum, num_tokens) over this rank's micro-batches;
     both are zero except on the last pipeline stage. The loss is the cross entropy, without
     the z-loss term (which only the gradients see)."""
     func = get_forward_backward_func()
     with cpu_device_mode():
-        outputs = func(forward_step_func=partial(_forward_step, z_loss=z_loss),
+        outputs = func(forward_step_func=partial(_forward_step, z_loss=z_loss, flex=flex),
                        data_iterator=_data_iterators(micro_batches, len(model_proxies)),
                        model=model_proxies if len(model_proxies) > 1 else model_proxies[0],
                        num_microbatches=len(micro_batches), seq_length=seq_length,

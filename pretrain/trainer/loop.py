@@ -18,6 +18,7 @@ from pretrain.trainer.hooks import Hooks, perplexity
 from pretrain.log import log, warn
 from pretrain.parallel.schedule import (
     allreduce_tied_embedding_grads,
+    flex_masks,
     forward_backward,
     global_mean_loss,
 )
@@ -105,7 +106,8 @@ class Trainer:
         lr = self.zero.engine.get_lr()[0]
         loss_sum, num_tokens = forward_backward(
             self.model_proxies, micro_batches, self.cfg.train.seq_length,
-            self.layout.micro_batch_size, z_loss=self.cfg.optim.z_loss)
+            self.layout.micro_batch_size, z_loss=self.cfg.optim.z_loss,
+            flex=flex_masks(self.cfg.data, self.device))
         allreduce_tied_embedding_grads(self.chunks)
         applied = self.zero.step()
         loss = global_mean_loss(loss_sum, num_tokens, self.device)
@@ -155,7 +157,8 @@ class Trainer:
             # Through the chunks directly: no gradients, so no DeepSpeed backward hooks.
             loss_sum, num_tokens = forward_backward(
                 self.eval_proxies, micro_batches, self.cfg.train.seq_length,
-                self.layout.micro_batch_size, forward_only=True)
+                self.layout.micro_batch_size, forward_only=True,
+                flex=flex_masks(self.cfg.data, self.device))
             total += loss_sum
             tokens += num_tokens
         return global_mean_loss(total, tokens, self.device)
