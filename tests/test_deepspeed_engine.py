@@ -25,10 +25,17 @@ def _series(run_dir: Path, key: str) -> list:
 
 def test_optimizer_offload_and_overlap_comm_train_and_resume_exactly(tmp_path):
     """ZeRO-2 with the optimizer offloaded to the CPU (our torch AdamW stepping the CPU fp32
-    partition) and overlapped reduction: the same bits as our default ZeRO-2, also across a
-    checkpoint save and resume with offload on."""
-    default, offload = tmp_path / "default", tmp_path / "offload"
+    partition) and overlapped reduction: the same training as our default ZeRO-2, and across
+    a checkpoint save and resume with offload on, the same bits as without the stop.
+
+    Against the default the gradient norm may differ in its last bit: the offloaded path sums
+    the squares over its CPU buffers in another order. On the 2-core AMD EPYC machine of
+    2026-12-06 step 1's norm was 3.9057726860 against 3.9057724476 (one float32 ulp), and the
+    losses of steps 2 and 4 moved by 2e-8 relative; on the earlier Intel machine the bits
+    agreed. Hence 1e-6 relative there, and exact equality for the resume."""
+    default, offload, whole = tmp_path / "default", tmp_path / "offload", tmp_path / "whole"
     run_training(default, BASE, nproc=2)
+    run_training(whole, BASE + [OFFLOAD_OVERLAP], nproc=2)
     first = run_training(offload, BASE + [OFFLOAD_OVERLAP, "train.exit_at_step=2"], nproc=2)
     # read back from the built ZeRO optimizer, not from the config
     assert "ZeRO optimizer offload cpu, overlap_comm on" in first.stdout, first.stdout
@@ -36,8 +43,10 @@ def test_optimizer_offload_and_overlap_comm_train_and_resume_exactly(tmp_path):
     rest = run_training(offload, BASE + [OFFLOAD_OVERLAP], nproc=2)
     assert "resumed from" in rest.stdout and "at step 2 (same layout)" in rest.stdout
     for key in ("loss", "lr", "grad_norm"):
-        assert _series(offload, key) == _series(default, key), key
-    assert [step for step, _ in _series(offload, "loss")] == [1, 2, 3, 4]
+        assert _series(offload, key) == _series(whole, key), key  # the resume: bit for bit
+        got, want = _series(offload, key), _series(default, key)
+        assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3, 4]
+        assert all(a == pytest.approx(b, rel=1e-6) for (_, a), (_, b) in zip(got, want)), key
 
 
 def test_deepspeed_launcher_runs_the_training_module(tmp_path):
