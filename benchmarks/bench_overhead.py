@@ -144,6 +144,17 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--run-dir", type=Path, default=Path("/tmp/bench_overhead"))
     args = parser.parse_args(argv)
+    if len(args.shape) > 1:  # one process per shape: a process builds one trainer (one group)
+        import subprocess
+
+        rest = [a for a in (argv if argv is not None else sys.argv[1:])]
+        i = rest.index("--shape")
+        j = i + 1
+        while j < len(rest) and not rest[j].startswith("--"):
+            j += 1
+        codes = [subprocess.call([sys.executable, __file__, *rest[:i], "--shape", shape,
+                                  *rest[j:]]) for shape in args.shape]
+        return max(codes)
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS')}, seq {args.seq}, micro-batch {args.micro}")
