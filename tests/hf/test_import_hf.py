@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.hf.byte_tokenizer import save_byte_tokenizer
+from tests.hf.families.models import first_batch_loss as hf_first_batch_loss
 from tests.launch_helpers import read_metrics, run_training
 
 BASE = ["train.steps=2", "train.exit_at_step=1", "optim.warmup_steps=1", "model.num_query_groups=2",
@@ -35,26 +36,6 @@ def make_llama(path, tie: bool, seed: int):
     model.save_pretrained(path)
     save_byte_tokenizer(path)  # the embedded corpus's tokenizer: the runs train on that corpus
     return model
-
-
-def hf_first_batch_loss(model, overrides: list[str]) -> float:
-    """The HF model's token-mean loss on the run's first global batch (the real loader)."""
-    from pretrain.config import load_config
-    from pretrain.data.build import build_loaders, open_data
-    from tests.conftest import SMOKE
-
-    cfg = load_config(SMOKE, overrides)
-    loader, _ = build_loaders(cfg, open_data(cfg), cfg.train.micro_batch_size, 0, 1)
-    total, count = 0.0, 0.0
-    with torch.no_grad():
-        for micro in loader.next_step():
-            logits = model(micro.tokens).logits.float()
-            losses = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), micro.labels.reshape(-1), reduction="none")
-            total += float((losses * micro.loss_mask.reshape(-1)).sum())
-            count += float(micro.loss_mask.sum())
-    loader.close()
-    return total / count
 
 
 @pytest.mark.parametrize("layout, tie", [(["parallel.tensor_parallel=2"], True),
