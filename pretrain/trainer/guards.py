@@ -69,6 +69,9 @@ class LossSpikes:
         return spike
 
 
+EXIT_GRACE_S = 3.0  # seconds a firing watchdog waits before exiting: every rank dumps
+
+
 class Watchdog:
     """A thread that expects `beat()` once per step. When a step takes longer than
     max(min_seconds, factor x the median of recent steps), it writes every thread's Python
@@ -151,6 +154,9 @@ class Watchdog:
             os.write(2, message.encode())
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             sys.stderr.flush()
+            # The other ranks' watchdogs fire within a poll interval of this one; exiting at
+            # once let the launcher kill them first, so the log missed where they were.
+            time.sleep(EXIT_GRACE_S)
             os._exit(EXIT_HUNG)
 
     def close(self) -> None:
