@@ -58,32 +58,36 @@ def adopt_architecture(cfg, given: set[str], load_from: str) -> None:
     vocab = config.get("vocab_size")
     if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0:
         fields["vocab_size"] = vocab
-    m = cfg.model
-    ours = {**vars(m), "num_query_groups": m.query_groups, "head_dim": m.kv_channels,
-            "ffn_hidden_size": m.ffn_size}
+    ours = _effective(cfg.model)
     for key, value in fields.items():
         if key in given and ours[key] != value:
-            hf_key = HF_NAMES.get(key, key)
-            hf_value = family_of(config, load_from) if hf_key == "model_type" else value
-            raise CheckpointError(f"{load_from}: config.json {hf_key}={hf_value!r} but "
-                                  f"model.{key}={ours[key]!r} here; set model.{key}={value!r} "
-                                  f"or drop it from the run config (the checkpoint defines "
-                                  f"the architecture)")
-        setattr(m, key, value)
+            raise CheckpointError(_mismatch(config, key, value, ours, load_from)
+                                  + " or drop it from the run config (the checkpoint defines "
+                                    "the architecture)")
+        setattr(cfg.model, key, value)
+
+
+def _effective(m) -> dict:
+    """cfg.model's fields with the derived ones as config.json states them (0 resolved)."""
+    return {**vars(m), "num_query_groups": m.query_groups, "head_dim": m.kv_channels,
+            "ffn_hidden_size": m.ffn_size}
+
+
+def _mismatch(config: dict, key: str, value, ours: dict, where: str) -> str:
+    hf_key = HF_NAMES.get(key, key)
+    hf_value = family_of(config, where) if hf_key == "model_type" else value
+    return (f"{where}: config.json {hf_key}={hf_value!r} but model.{key}={ours[key]!r} here; "
+            f"set model.{key}={value!r}")
 
 
 def check_fits(config: dict, cfg, padded_vocab_size: int, data_vocab_size: int, where: str) -> None:
     """Every architecture field of config.json against this run's config."""
     m = cfg.model
     check_exportable(vars(m), f"this run's config (for {where})")
-    ours = {**vars(m), "num_query_groups": m.query_groups, "head_dim": m.kv_channels,
-            "ffn_hidden_size": m.ffn_size}
+    ours = _effective(m)
     for key, value in model_fields(config, where).items():
         if ours[key] != value:
-            hf_key = HF_NAMES.get(key, key)
-            hf_value = family_of(config, where) if hf_key == "model_type" else value
-            raise CheckpointError(f"{where}: config.json {hf_key}={hf_value!r} but model.{key}="
-                                  f"{ours[key]!r} here; set model.{key}={value!r}")
+            raise CheckpointError(_mismatch(config, key, value, ours, where))
     vocab = config.get("vocab_size")
     if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
         raise CheckpointError(f"{where}: config.json vocab_size={vocab!r} is not a positive "
