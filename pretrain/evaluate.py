@@ -10,6 +10,7 @@ whole global batches, through the same pipeline schedule as training. Prints one
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -141,6 +142,7 @@ def score(weights, cfg, layout, source, batches: int, device) -> dict:
 
 
 def main(argv=None) -> int:
+    gc.freeze()  # the imports' objects are never garbage (why: pretrain/train.py's main)
     args = parse_args(argv)
     env = pdist.detect_env()
     try:

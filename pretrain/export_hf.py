@@ -11,6 +11,7 @@ never leaves a directory that looks finished. Exit status 2 with one line on bad
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    gc.freeze()  # the imports' objects are never garbage (why: pretrain/train.py's main)
     quiet_library_warnings()
     args = parse_args(argv)
     output = Path(args.output)

@@ -14,6 +14,7 @@ watchdog's budget; anything else is a crash.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -183,6 +184,11 @@ def build(cfg: Config, layout: Layout, data, env: pdist.ProcessEnv, bf16: bool,
 
 
 def main(argv=None) -> int:
+    # The imports left ~430k objects (torch, megatron-core, DeepSpeed, sympy) that are never
+    # garbage. Freezing them keeps every later full collection, and the interpreter's own at
+    # exit (1.3 s of each process's exit on a 2-core CPU), from scanning them again; the
+    # model and optimizer built below are frozen the same way once start-up is done.
+    gc.freeze()
     quiet_library_warnings()
     has_cuda = torch.cuda.is_available()
     try:
@@ -230,6 +236,7 @@ def main(argv=None) -> int:
     # comes during the build is acted on after the first step.
     stops = StopRequests()
     built = build(cfg, layout, data, env, bf16, stops)
+    gc.freeze()
     trainer = built.trainer
     try:
         trainer.resume()

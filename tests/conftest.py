@@ -1,6 +1,8 @@
 """Shared fixtures.
 
 The budget plugin (tests/budget.py) reports each area's time against docs/testing.md.
+tests/zygote.py's fork server, started by the first test that launches a CLI, is stopped when
+the session ends.
 
 `single_rank_parallel` brings up a one-process gloo group and megatron's parallel_state
 (TP=1, PP=1) once per test session: torch.distributed and parallel_state can only be
@@ -22,6 +24,19 @@ SEED = 1234
 pytest_plugins = ["tests.budget"]
 
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests import zygote
+
+    zygote.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests import zygote
+
+    if zygote.STATS["forked"] or zygote.STATS["fresh"]:
+        terminalreporter.write_line(zygote.summary())
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests import zygote
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -23,22 +25,32 @@ def clean_env(extra: dict | None = None) -> dict:
 
 
 def launch(target: list[str], nproc: int, timeout: int, what: str, expect_rc: int | None = 0,
-           env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python TARGET...` (nproc=1) or torchrun over it; raise with the output when the
-    exit status is not `expect_rc` (None: accept any).
+           env_extra: dict | None = None, torchrun: bool = False) -> subprocess.CompletedProcess:
+    """Run `python TARGET...` as one process, or as `nproc` ranks; raise with the output when
+    the exit status is not `expect_rc` (None: accept any).
 
-    Launcher variables of an enclosing job are dropped so the child starts its own world. A
-    new session lets a timeout kill the launcher *and* its ranks, never leaving orphans.
+    Ranks are started as SLURM's srun starts them: one plain process each, with the launcher
+    variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) set, their output on shared
+    pipes; the exit status is the first failing rank's, and once one fails the others get
+    SIGTERM and, 10 s later, SIGKILL (torchrun's agent does the same). `torchrun=True` runs
+    the real torchrun agent instead, for the tests about its behaviour (its summary, its
+    teardown of the other ranks): it costs ~3 s more per run on the 2-core machine.
+
+    Every process is a fork of tests/zygote.py's pre-warmed server where that is the same as
+    a fresh interpreter. Launcher variables of an enclosing job are dropped so the child starts
+    its own world. New sessions let a timeout kill every process, never leaving orphans.
     """
     env = clean_env(env_extra)
+    if nproc > 1 and not torchrun:
+        return _launch_ranks(target, nproc, timeout, what, expect_rc, env)
     if nproc == 1:
         cmd = [sys.executable, *target]
     else:
         # --standalone: a local rendezvous on a free port, so parallel test runs don't collide.
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", str(nproc), *target]
-    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True) as popen:
+    with zygote.popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                      text=True, start_new_session=True) as popen:
         try:
             stdout, stderr = popen.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -46,17 +58,85 @@ def launch(target: list[str], nproc: int, timeout: int, what: str, expect_rc: in
             stdout, stderr = popen.communicate()
             raise AssertionError(f"{what} timed out after {timeout}s: {' '.join(cmd)}\n"
                                  f"--- stderr ---\n{stderr[-8000:]}") from None
-    if expect_rc is not None and popen.returncode != expect_rc:
-        raise AssertionError(f"{what} exited {popen.returncode}, expected {expect_rc}: {' '.join(cmd)}\n"
+    return _result(cmd, popen.returncode, stdout, stderr, what, expect_rc)
+
+
+def _result(cmd: list[str], rc: int, stdout: str, stderr: str, what: str,
+            expect_rc: int | None) -> subprocess.CompletedProcess:
+    if expect_rc is not None and rc != expect_rc:
+        raise AssertionError(f"{what} exited {rc}, expected {expect_rc}: {' '.join(cmd)}\n"
                              f"--- stdout ---\n{stdout[-4000:]}\n--- stderr ---\n{stderr[-8000:]}")
-    return subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
+    return subprocess.CompletedProcess(cmd, rc, stdout, stderr)
+
+
+def _launch_ranks(target: list[str], nproc: int, timeout: int, what: str,
+                  expect_rc: int | None, env: dict) -> subprocess.CompletedProcess:
+    import threading
+    import time
+
+    from pretrain.parallel.dist import free_port
+
+    cmd = [sys.executable, *target]
+    port = str(free_port())
+    pipes = [os.pipe(), os.pipe()]  # stdout, stderr: shared by the ranks, as torchrun's are
+    procs = []
+    try:
+        for rank in range(nproc):
+            rank_env = dict(env, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                            LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=port)
+            procs.append(zygote.popen(cmd, cwd=REPO, env=rank_env, stdout=pipes[0][1],
+                                      stderr=pipes[1][1], stdin=subprocess.DEVNULL,
+                                      start_new_session=True))
+    finally:
+        for _, write in pipes:
+            os.close(write)
+    texts: list[list[str]] = [[], []]
+    readers = []
+    for (read, _), text in zip(pipes, texts):
+        def drain(fd=read, sink=text):
+            with os.fdopen(fd, errors="replace") as stream:
+                sink.append(stream.read())
+        readers.append(threading.Thread(target=drain, daemon=True))
+        readers[-1].start()
+
+    def signal_all(sig: int) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    deadline, failed, rc = time.monotonic() + timeout, None, 0
+    while None in [proc.poll() for proc in procs]:  # a list: poll every rank, each time
+        if time.monotonic() > deadline:
+            signal_all(signal.SIGKILL)
+            for thread in readers:
+                thread.join(10)
+            raise AssertionError(f"{what} timed out after {timeout}s: {nproc} ranks of "
+                                 f"{' '.join(cmd)}\n--- stderr ---\n{''.join(texts[1])[-8000:]}")
+        bad = [proc.returncode for proc in procs if proc.returncode not in (None, 0)]
+        if bad and failed is None:  # the first failure: stop the others, as torchrun does
+            failed, rc = time.monotonic(), bad[0]
+            signal_all(signal.SIGTERM)
+        elif failed is not None and time.monotonic() > failed + 10:
+            signal_all(signal.SIGKILL)
+        time.sleep(0.02)
+    if failed is None:
+        rc = next((proc.returncode for proc in procs if proc.returncode), 0)
+    for thread in readers:
+        thread.join(30)
+    return _result(cmd, rc, "".join(texts[0]), "".join(texts[1]), what, expect_rc)
 
 
 def run_training(run_dir: Path, overrides: list[str], nproc: int = 1,
                  config: str = "configs/smoke.yaml", timeout: int = 300, expect_rc: int | None = 0,
-                 env_extra: dict | None = None) -> subprocess.CompletedProcess:
+                 env_extra: dict | None = None, torchrun: bool = False
+                 ) -> subprocess.CompletedProcess:
     args = ["--config", config, f"run.dir={run_dir}", *overrides]
-    return launch(["-m", "pretrain.train", *args], nproc, timeout, "training", expect_rc, env_extra)
+    return launch(["-m", "pretrain.train", *args], nproc, timeout, "training", expect_rc, env_extra,
+                  torchrun)
 
 
 def start_ranks(run_dir: Path, overrides: list[str], nproc: int, log_dir: Path,
@@ -73,7 +153,7 @@ def start_ranks(run_dir: Path, overrides: list[str], nproc: int, log_dir: Path,
         env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         out = open(log_dir / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen(
+        procs.append(zygote.popen(
             [sys.executable, "-m", "pretrain.train", "--config", config, f"run.dir={run_dir}",
              *overrides], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True))

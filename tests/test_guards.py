@@ -49,7 +49,8 @@ def test_bad_steps_in_a_row_stop_the_run_with_exit_2(tmp_path):
 def test_a_hung_rank_is_found_by_every_rank_watchdog(tmp_path):
     proc = run_training(tmp_path / "run", ["train.steps=6", "train.watchdog_min_s=3",
                                            "train.watchdog_factor=5"], nproc=2,
-                        env_extra={"PRETRAIN_TEST_HANG": "3:1"}, expect_rc=None, timeout=120)
+                        env_extra={"PRETRAIN_TEST_HANG": "3:1"}, expect_rc=None, timeout=120,
+                        torchrun=True)  # torchrun's teardown of the others is part of the case
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     for rank in (0, 1):
