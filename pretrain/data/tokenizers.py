@@ -127,8 +127,9 @@ class HFTokenizer:
                                  f"tokenizer.json saved by transformers/tokenizers") from None
         vocab = self.tokenizer.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1
-        config = _read_config(path.with_name("tokenizer_config.json"))
-        eos = _token(config.get("eos_token"))
+        # transformers' tokenizer_config.json beside the file ({} when there is none)
+        self.config = config = _read_config(path.with_name("tokenizer_config.json"))
+        eos = token_content(config.get("eos_token"))
         self.eos = next((vocab[name] for name in ([eos] if eos else EOS_CANDIDATES)
                          if name in vocab), -1)
         self.prefix_ids, self.suffix_ids = self._affixes()
@@ -181,7 +182,7 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def _token(value) -> str | None:
+def token_content(value) -> str | None:
     """A special token as tokenizer_config.json states it: a string or {"content": ...}."""
     return value.get("content") if isinstance(value, dict) else value
 

@@ -133,3 +133,28 @@ def test_shard_cli_writes_autotokenizer_ids(family_tokenizers, tmp_path):
     rows = np.concatenate([source.load_shard(i).tokens for i in range(len(source.shards))])
     assert rows.reshape(-1).tolist() == stream[:rows.size]
     assert manifest["tokens_dropped_tail"]["train"] == len(stream) - rows.size
+
+
+@pytest.mark.parametrize("family", list(tokenizer_files.FAMILIES))
+@pytest.mark.parametrize("beside", ["with_config", "without_config"])
+def test_exported_tokenizer_gives_the_training_data_ids(family, beside, family_tokenizers, tmp_path):
+    """The export's tokenizer files (pretrain/hf/export.py writes them with these): AutoTokenizer
+    on the exported directory gives the ids shard.py wrote, names the EOT as its eos token
+    (and config.json's eos_token_id, from the returned ids), and Llama 3's BOS as bos."""
+    from transformers import AutoTokenizer
+
+    from pretrain.hf.tokenizer import write_tokenizer
+
+    source = tmp_path / "source"
+    shutil.copytree(family_tokenizers[family], source)
+    if beside == "without_config":
+        (source / "tokenizer_config.json").unlink()
+    out = tmp_path / "export"
+    out.mkdir()
+    special_ids = write_tokenizer(source / "tokenizer.json", out, 64)
+    ours, tok = our_documents(source, TEXTS)
+    auto = AutoTokenizer.from_pretrained(str(out))
+    assert [auto.encode(text) + [auto.eos_token_id] for text in TEXTS] == ours
+    assert special_ids["eos"] == auto.eos_token_id == tok.eos_id
+    assert special_ids.get("bos") == auto.bos_token_id == (tok.prefix[0] if tok.prefix else None)
+    assert json.loads((out / "special_tokens_map.json").read_text())["eos_token"] == auto.eos_token
