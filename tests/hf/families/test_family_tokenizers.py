@@ -158,3 +158,17 @@ def test_exported_tokenizer_gives_the_training_data_ids(family, beside, family_t
     assert special_ids["eos"] == auto.eos_token_id == tok.eos_id
     assert special_ids.get("bos") == auto.bos_token_id == (tok.prefix[0] if tok.prefix else None)
     assert json.loads((out / "special_tokens_map.json").read_text())["eos_token"] == auto.eos_token
+
+
+def test_unreadable_tokenizer_config_is_one_line(family_tokenizers, tmp_path, capsys):
+    from data_tools.shard import main
+
+    directory = tmp_path / "tok"
+    shutil.copytree(family_tokenizers["qwen2"], directory)
+    (directory / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>",')
+    (tmp_path / "corpus.jsonl").write_text('{"text": "hello"}\n')
+    assert main(["--input", str(tmp_path / "corpus.jsonl"), "--output", str(tmp_path / "out"),
+                 "--tokenizer", str(directory / "tokenizer.json"), "--seq-len", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tokenizer_config.json: not valid JSON" in err, err
+    assert "Traceback" not in err
