@@ -5,6 +5,7 @@ holds them (tokenizer.json + tokenizer_config.json)."""
 
 from __future__ import annotations
 
+import json
 import sysconfig
 from pathlib import Path
 
@@ -17,10 +18,11 @@ QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
 FAMILIES = {
     # base models: documents end with <|end_of_text|>, and each starts with <|begin_of_text|>
     "llama3": dict(regex=LLAMA3_REGEX, nfc=False, bos="<|begin_of_text|>", eos="<|end_of_text|>",
-                   extra=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+                   extra=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+                   tokenizer_class="PreTrainedTokenizerFast"),
     # Qwen2/2.5/3 base: <|endoftext|> ends documents, no BOS
     "qwen2": dict(regex=QWEN2_REGEX, nfc=True, bos=None, eos="<|endoftext|>",
-                  extra=["<|im_start|>", "<|im_end|>"]),
+                  extra=["<|im_start|>", "<|im_end|>"], tokenizer_class="Qwen2Tokenizer"),
 }
 EOS = {family: spec["eos"] for family, spec in FAMILIES.items()}
 
@@ -70,4 +72,9 @@ def save(family: str, directory: Path) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=build(family), bos_token=spec["bos"],
                                    eos_token=spec["eos"], clean_up_tokenization_spaces=False)
     fast.save_pretrained(str(directory))
+    # the class the families' own files name (transformers 5 writes its generic backend's)
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = spec["tokenizer_class"]
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
     return directory / "tokenizer.json"
