@@ -15,8 +15,9 @@ whitespace runs collapsed -- as an earlier document; the first is kept; --no-ded
 'missing_text_key' / 'invalid_json' (only with --skip-bad-records; otherwise the first such
 record stops the run, naming file and line). Invalid UTF-8 is replaced by U+FFFD and counted
 (utf8_repaired). Kept documents are tokenized on a Ray actor pool (one single-threaded
-sentencepiece per CPU), each followed by EOD (eos), split into train/val by a hash of the
-normalized text, and packed into samples of seq_len + 1 tokens.
+tokenizer per CPU), each followed by EOD (eos; a tokenizer.json's BOS before it where its
+post-processor adds one), split into train/val by a hash of the normalized text, and packed
+into samples of seq_len + 1 tokens.
 
 Output is byte-identical for any --num-workers. Shards and manifest.json are written under
 temp names and renamed when complete, manifest last (OUTPUT/.lock keeps a second run out).
@@ -58,7 +59,9 @@ def parse_args(argv=None) -> Options:
                         help="files, directories (recursive) or globs; may be repeated")
     parser.add_argument("--output", required=True, metavar="DIR", help="shard directory")
     parser.add_argument("--tokenizer", required=True, metavar="PREFIX.model",
-                        help="sentencepiece model (its eos id is the EOD token)")
+                        help="sentencepiece model (its eos id is the EOD token), or a Hugging "
+                             "Face tokenizer.json (EOD: tokenizer_config.json's eos_token; BOS "
+                             "where its post-processor adds one)")
     parser.add_argument("--seq-len", type=int, required=True, metavar="N",
                         help="samples hold N + 1 tokens")
     parser.add_argument("--text-key", default="text",

@@ -191,3 +191,24 @@ def test_1b_flops_per_token_and_mfu_by_hand():
     layout8 = validate(cfg, world_size=8, vocab_size=32000)
     eight = Throughput(cfg, layout8, torch.device("cpu")).metrics(16 * 2048, 0.614)
     assert eight["mfu"] == pytest.approx(metrics["mfu"] / 8)
+
+
+def test_flops_per_token_counts_attention_at_heads_times_head_dim(smoke_config):
+    """model.head_dim wider than hidden/heads (Qwen3: 64 hidden, 4 heads of 32) widens
+    attention's QK^T and AV products: 12 x layers x heads x head_dim x seq, not x hidden;
+    the 6N term takes the wider q/k/v/output projections from the parameter count."""
+    from pretrain.model.estimate import flops_per_token
+
+    vocab = 257
+    plain = smoke_config("model.num_query_groups=2")
+    wide = smoke_config("model.num_query_groups=2", "model.head_dim=32")
+    m, seq = wide.model, wide.train.seq_length
+    assert m.hidden_size == 64 and m.num_attention_heads == 4
+    for cfg, width in ((plain, 64), (wide, 4 * 32)):
+        counts = parameter_counts(cfg, vocab)
+        matmul = counts["non_embedding"] + counts["padded_vocab_size"] * 64
+        assert flops_per_token(cfg, vocab) == 6 * matmul + 12 * m.num_layers * width * seq
+    # q/k/v: 64 x (4 + 2 x 2) x 32 and output 4 x 32 x 64 per layer, against 64 x 8 x 16 + 64 x 64
+    extra = m.num_layers * ((64 * 8 * 32 + 128 * 64) - (64 * 8 * 16 + 64 * 64))
+    assert (parameter_counts(wide, vocab)["non_embedding"]
+            - parameter_counts(plain, vocab)["non_embedding"]) == extra

@@ -22,7 +22,8 @@ MEGATRON_ARGS = (
     "--virtual-pipeline-model-parallel-size 2 --sequence-parallel --use-distributed-optimizer "
     "--recompute-granularity full --recompute-modules core_attn mlp --distributed-timeout-minutes 7 "
     "--num-layers 8 --hidden-size 96 --ffn-hidden-size 256 --num-attention-heads 6 "
-    "--group-query-attention --num-query-groups 2 --max-position-embeddings 256 "
+    "--group-query-attention --num-query-groups 2 --kv-channels 32 --qk-layernorm "
+    "--add-qkv-bias --max-position-embeddings 256 "
     "--position-embedding-type learned_absolute --rotary-base 50000 --normalization LayerNorm "
     "--norm-epsilon 1e-6 --swiglu --untie-embeddings-and-output-weights --disable-bias-linear "
     "--init-method-std 0.01 --seq-length 64 --micro-batch-size 1 --global-batch-size 16 "
@@ -40,6 +41,7 @@ EXPECTED = {
     "parallel.recompute_modules": ["core_attn", "mlp"],
     "model.num_layers": 8, "model.hidden_size": 96, "model.ffn_hidden_size": 256,
     "model.num_attention_heads": 6, "model.num_query_groups": 2, "model.max_seq_length": 256,
+    "model.head_dim": 32, "model.qk_norm": True, "model.qkv_bias": True,
     "model.position_embedding": "learned", "model.rotary_base": 50000,
     "model.normalization": "layernorm", "model.norm_eps": 1e-6, "model.activation": "swiglu",
     "model.tie_embeddings": False, "model.bias": False, "model.init_std": 0.01,

@@ -91,6 +91,8 @@ class Tokenizer:
     sha256: str
     vocab_size: int
     eos_id: int
+    prefix: list[int]  # a family tokenizer's BOS before each document (tokenizers.document_affixes)
+    suffix: list[int]  # ids before the EOD after each document
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -110,7 +112,9 @@ def load_tokenizer(path: str) -> Tokenizer:
     if processor.eos_id() < 0:
         raise ShardError(f"--tokenizer {path}: the model has no eos piece, which shard.py "
                          f"appends after every document; retrain it with eos_id=3")
-    return Tokenizer(os.path.abspath(path), sha256, processor.get_piece_size(), processor.eos_id())
+    prefix, suffix = tokenizers.document_affixes(processor)
+    return Tokenizer(os.path.abspath(path), sha256, processor.get_piece_size(), processor.eos_id(),
+                     prefix, suffix)
 
 
 class Progress:
@@ -283,7 +287,8 @@ def _ray_pieces(units: list[dict], opts: Options, tok: Tokenizer, workers: int,
                         compute=ray.data.TaskPoolStrategy(size=max(1, min(len(units), math.ceil(workers / 8)))))
     tokenize_args = dict(
         fn_constructor_kwargs={"model_path": tok.path, "model_sha256": tok.sha256,
-                               "chunk_bytes": opts.chunk_bytes, "eod_id": tok.eos_id},
+                               "chunk_bytes": opts.chunk_bytes, "eod_id": tok.eos_id,
+                               "prefix": tok.prefix, "suffix": tok.suffix},
         batch_size=None, batch_format="pyarrow", num_cpus=1,
         # Two pieces per actor: the next one is queued when one finishes (with one, each
         # waited ~0.2 s for dispatch on a busy 2-core machine), yet the tail stays short.
@@ -349,6 +354,10 @@ def build(opts: Options) -> dict:
                     "skip_bad_records": opts.skip_bad_records, "shard_samples": shard_samples,
                     "chunk_bytes": opts.chunk_bytes, "normalization": NORMALIZATION,
                     "split_rule": "val if blake2b(normalized)[:8] / 2^64 < val_fraction"}
+        # Only when a tokenizer has them (a family's BOS), so that the identity of datasets
+        # made with sentencepiece models stays what it was.
+        settings.update({key: ids for key, ids in (("document_prefix", tok.prefix),
+                                                   ("document_suffix", tok.suffix)) if ids})
         inputs = [{"path": path, "bytes": os.path.getsize(path)} for path in files]
         identity = {"seq_len": opts.seq_len, "token_dtype": dtype.name, "eod_id": tok.eos_id,
                     "tokenizer": {"sha256": tok.sha256}, "settings": settings, "inputs": inputs}
@@ -361,7 +370,8 @@ def build(opts: Options) -> dict:
         units = plan_units(files, opts.txt_mode, opts.text_key, opts.unit_bytes)
         cache = WorkCache(output, salt={
             "tokenizer": tok.sha256, "text_key": opts.text_key, "chunk_bytes": opts.chunk_bytes,
-            "piece_bytes": opts.piece_bytes})
+            "piece_bytes": opts.piece_bytes, **{k: v for k, v in settings.items()
+                                                if k.startswith("document_")}})
         keys = [cache.unit_key(u) for u in units]
         cached = [cache.complete(k) for k in keys]
         todo = [u for u, n in zip(units, cached) if not n]

@@ -1,5 +1,6 @@
-"""The tokenizing stage: a Ray actor that holds one sentencepiece processor and turns a piece of
-cleaned documents into token ids (EOD after each document) plus each document's digest.
+"""The tokenizing stage: a Ray actor that holds one tokenizer and turns a piece of cleaned
+documents into token ids (a family's BOS before, EOD after each document) plus each
+document's digest.
 
 One actor per CPU, each pinned to one thread: sentencepiece's batch encoder would otherwise
 start a thread per core in every actor and oversubscribe the machine.
@@ -12,7 +13,7 @@ import os
 import numpy as np
 
 from data_tools.shard_lib.clean import NormalizedHasher, chunk_bounds
-from data_tools.shard_lib.inputs import GIVEN_DIGEST, LAST
+from data_tools.shard_lib.inputs import FIRST, GIVEN_DIGEST, LAST
 
 # Text handed to one sentencepiece call: large enough to amortize the call, small enough that
 # the int32 ids of one call (4 bytes per token) stay a few tens of MB for a huge document.
@@ -24,13 +25,17 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def tokenize_entries(processor, data, lens: np.ndarray, flags: np.ndarray, given: bytes,
-                     chunk_bytes: int, dtype: np.dtype, eod_id: int) -> tuple[np.ndarray, np.ndarray, bytes]:
+                     chunk_bytes: int, dtype: np.dtype, eod_id: int, prefix=(), suffix=()
+                     ) -> tuple[np.ndarray, np.ndarray, bytes]:
     """Encode a piece's entries: (tokens, tokens per entry, 16-byte digest per entry).
 
-    EOD follows an entry that ends its document (flag LAST). An entry's digest is computed
-    here unless the reader gave it (GIVEN_DIGEST: a part of a document split over pieces)."""
+    `prefix` ids (a family's BOS) come before an entry that starts its document (flag
+    FIRST); `suffix` ids, then EOD, follow one that ends it (flag LAST). An entry's digest is
+    computed here unless the reader gave it (GIVEN_DIGEST: a part of a document split over
+    pieces)."""
     view = memoryview(data)
-    eod = np.array([eod_id], dtype=dtype)
+    head = np.array(list(prefix), dtype=dtype)
+    eod = np.array([*suffix, eod_id], dtype=dtype)
     out = bytearray()  # grows in place: one copy of the ids, not a list plus its concatenation
     ntok = np.zeros(len(lens), dtype=np.int64)
     digests = []
@@ -39,13 +44,16 @@ def tokenize_entries(processor, data, lens: np.ndarray, flags: np.ndarray, given
     def flush():
         nonlocal batch, owners, batch_bytes
         if batch:
-            for (entry, eod_after), ids in zip(owners, processor.encode(batch, return_type="numpy",
-                                                                        num_threads=1)):
+            for (entry, head_before, eod_after), ids in zip(
+                    owners, processor.encode(batch, return_type="numpy", num_threads=1)):
+                if head_before:
+                    out.extend(head.tobytes())
+                    ntok[entry] += len(head)
                 out.extend(ids.astype(dtype).tobytes())
                 ntok[entry] += len(ids)
                 if eod_after:
                     out.extend(eod.tobytes())
-                    ntok[entry] += 1
+                    ntok[entry] += len(eod)
         batch, owners, batch_bytes = [], [], 0
 
     start = 0
@@ -59,7 +67,8 @@ def tokenize_entries(processor, data, lens: np.ndarray, flags: np.ndarray, given
             if hasher is not None:
                 hasher.update(chunk)
             batch.append(chunk)
-            owners.append((entry, bool(flag & LAST) and i == len(bounds) - 1))
+            owners.append((entry, bool(flag & FIRST) and i == 0,
+                           bool(flag & LAST) and i == len(bounds) - 1))
             batch_bytes += len(chunk)
             if batch_bytes >= ENCODE_BATCH_BYTES:
                 flush()
@@ -72,7 +81,8 @@ def tokenize_entries(processor, data, lens: np.ndarray, flags: np.ndarray, given
 class TokenizeWorker:
     """Ray Data actor UDF: Arrow pieces from inputs.read_batch -> tokenized pieces."""
 
-    def __init__(self, model_path: str, model_sha256: str, chunk_bytes: int, eod_id: int):
+    def __init__(self, model_path: str, model_sha256: str, chunk_bytes: int, eod_id: int,
+                 prefix: list[int], suffix: list[int]):
         os.environ["OMP_NUM_THREADS"] = "1"
         from pretrain.data.tokenizers import TokenizerError, open_tokenizer
 
@@ -87,6 +97,7 @@ class TokenizeWorker:
         self.dtype = token_dtype(self.processor.get_piece_size())
         self.chunk_bytes = chunk_bytes
         self.eod_id = eod_id
+        self.prefix, self.suffix = prefix, suffix  # the driver's, like eod_id
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -102,7 +113,7 @@ class TokenizeWorker:
                 try:
                     tokens, ntok, digests = tokenize_entries(
                         self.processor, row["data"].as_buffer(), lens, flags, row["given"].as_py(),
-                        self.chunk_bytes, self.dtype, self.eod_id)
+                        self.chunk_bytes, self.dtype, self.eod_id, self.prefix, self.suffix)
                 except Exception as err:  # noqa: BLE001 - reported in order, naming the unit
                     fatal = f"tokenizing read unit {row['unit'].as_py()}: {type(err).__name__}: {err}"
             tables.append(pa.table({

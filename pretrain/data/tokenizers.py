@@ -127,20 +127,28 @@ class HFTokenizer:
                                  f"tokenizer.json saved by transformers/tokenizers") from None
         vocab = self.tokenizer.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1
-        self.eos = self._eos_id(path, vocab)
+        # transformers' tokenizer_config.json beside the file ({} when there is none)
+        self.config = config = _read_config(path.with_name("tokenizer_config.json"))
+        eos = token_content(config.get("eos_token"))
+        self.eos = next((vocab[name] for name in ([eos] if eos else EOS_CANDIDATES)
+                         if name in vocab), -1)
+        self.prefix_ids, self.suffix_ids = self._affixes()
 
-    @staticmethod
-    def _eos_id(path: Path, vocab: dict) -> int:
-        config = path.with_name("tokenizer_config.json")
-        names = list(EOS_CANDIDATES)
-        if config.is_file():
-            token = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
-            token = token.get("content") if isinstance(token, dict) else token
-            names = [token] if token else names
-        for name in names:
-            if name in vocab:
-                return vocab[name]
-        return -1
+    def _affixes(self) -> tuple[list[int], list[int]]:
+        """The ids transformers' `encode(text)` puts before and after the text's own: shard.py
+        frames every document with them (then the EOT), so a document's ids are what
+        AutoTokenizer gives for it. The post-processor decides (Llama 3's template adds
+        <|begin_of_text|>, Qwen's ByteLevel one adds nothing): transformers (5.x) ignores
+        tokenizer_config.json's add_bos_token/add_eos_token when a tokenizer.json is there.
+        A trailing EOS equal to the EOT is left out: shard.py appends the EOT itself."""
+        probe = self.tokenizer.encode("a", add_special_tokens=True)
+        text = [i for i, special in enumerate(probe.special_tokens_mask) if not special]
+        if not text:
+            return [], []
+        prefix, suffix = probe.ids[:text[0]], probe.ids[text[-1] + 1:]
+        if suffix and suffix[-1] == self.eos:
+            suffix = suffix[:-1]
+        return list(prefix), list(suffix)
 
     def get_piece_size(self) -> int:
         return self.vocab_size
@@ -157,6 +165,34 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _read_config(path: Path) -> dict:
+    """tokenizer_config.json beside a tokenizer.json, or {} when there is none."""
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TokenizerError(f"{path}: not valid JSON ({err}); save it again with "
+                             f"tokenizer.save_pretrained, or remove it") from None
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{path}: holds {type(config).__name__}, not a JSON object; save it "
+                             f"again with tokenizer.save_pretrained, or remove it")
+    return config
+
+
+def token_content(value) -> str | None:
+    """A special token as tokenizer_config.json states it: a string or {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def document_affixes(processor) -> tuple[list[int], list[int]]:
+    """(ids before, ids after) each document's own, EOT not included: a family tokenizer's
+    BOS (HFTokenizer), none for this project's sentencepiece models."""
+    if isinstance(processor, HFTokenizer):
+        return processor.prefix_ids, processor.suffix_ids
+    return [], []
 
 
 class TextTokenizer:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pretrain.data.tokenizers import EOS_CANDIDATES
+from pretrain.data.tokenizers import HFTokenizer, token_content
 from pretrain.errors import CheckpointError
 
 SPACE = "\u2581"  # sentencepiece's visible space
@@ -109,24 +109,30 @@ def write_tokenizer(model_path: str | Path, out_dir: Path, max_length: int) -> d
 
 
 def _copy_tokenizer_json(path: Path, out_dir: Path, max_length: int) -> dict:
-    """Data sharded with a Hugging Face tokenizer.json: that file as is, with the
-    tokenizer_config.json beside it (or a minimal one naming the end-of-text token)."""
+    """Data sharded with a Hugging Face tokenizer.json (a family's own): that file as is, with
+    the tokenizer_config.json beside it (or a minimal one), naming the tokens the shards were
+    framed with where it does not (the end-of-text token, the BOS the post-processor adds), so that
+    AutoTokenizer on the export gives the training data's ids; special_tokens_map.json for
+    transformers releases that read it."""
     import shutil
 
-    from tokenizers import Tokenizer
-
-    vocab = Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+    tokenizer = HFTokenizer(path)
+    vocab = tokenizer.tokenizer.get_vocab(with_added_tokens=True)
+    names = {index: token for token, index in vocab.items()}
     shutil.copyfile(path, out_dir / "tokenizer.json")
-    beside = path.with_name("tokenizer_config.json")
-    config = json.loads(beside.read_text()) if beside.is_file() else {
-        "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-        "eos_token": next((t for t in EOS_CANDIDATES if t in vocab), None)}
+    config = dict(tokenizer.config) or {"tokenizer_class": "PreTrainedTokenizerFast",
+                                        "clean_up_tokenization_spaces": False}
+    if not token_content(config.get("eos_token")):
+        config["eos_token"] = names.get(tokenizer.eos_id())
+    if len(tokenizer.prefix_ids) == 1 and not token_content(config.get("bos_token")):
+        config["bos_token"] = names[tokenizer.prefix_ids[0]]
     config.setdefault("model_max_length", max_length)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    special_ids = {}
+    special_map, special_ids = {}, {}
     for name in ("pad", "unk", "bos", "eos"):
         token = config.get(f"{name}_token")
-        token = token.get("content") if isinstance(token, dict) else token
-        if token in vocab:
-            special_ids[name] = vocab[token]
+        if token_content(token) in vocab:
+            special_map[f"{name}_token"] = token
+            special_ids[name] = vocab[token_content(token)]
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
     return special_ids

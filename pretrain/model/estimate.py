@@ -203,19 +203,21 @@ def flops_per_token(cfg: Config, vocab_size: int) -> float:
     """Training FLOPs per token (forward + backward = 3 x forward), as PaLM (Chowdhery et al.
     2022, appendix B) and Megatron-LM count them:
 
-        6 * N  +  12 * num_layers * hidden_size * seq_length
+        6 * N  +  12 * num_layers * num_attention_heads * head_dim * seq_length
 
     N is every parameter that takes part in a matrix multiply: the transformer layers, the
     final norm and the output projection (padded vocabulary x hidden, counted once whether
     or not it is tied to the input embedding, whose lookup costs no FLOPs; learned position
     embeddings are excluded for the same reason). The second term is attention's QK^T and
-    AV products (2 x 2 x s x h per layer and token, times 3 for training), without the
-    saving of the causal mask, as the reference numbers in BENCHMARKS.md are counted.
-    Recomputation is not counted: MFU measures useful work, not hardware FLOPs."""
+    AV products (2 x 2 x s x heads x head_dim per layer and token, times 3 for training;
+    heads x head_dim is hidden_size unless model.head_dim sets another width, as Qwen3's
+    does), without the saving of the causal mask, as the reference numbers in BENCHMARKS.md
+    are counted. Recomputation is not counted: MFU measures useful work, not hardware FLOPs."""
     counts = parameter_counts(cfg, vocab_size)
     m = cfg.model
     matmul_params = counts["non_embedding"] + counts["padded_vocab_size"] * m.hidden_size
-    return 6.0 * matmul_params + 12.0 * m.num_layers * m.hidden_size * cfg.train.seq_length
+    attention_width = m.num_attention_heads * m.kv_channels  # query heads x per-head width
+    return 6.0 * matmul_params + 12.0 * m.num_layers * attention_width * cfg.train.seq_length
 
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched

@@ -88,6 +88,8 @@ def test_tokenizer_gives_sentencepiece_ids(exported, spm_data):
     for text in TRICKY:
         ids = processor.encode(text)
         assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids, repr(text)
+        # encode() as users call it adds nothing either: the shards have no BOS
+        assert tokenizer.encode(text) == ids, repr(text)
         assert tokenizer.decode(ids) == processor.decode(ids), repr(text)
     assert any(processor.id_to_piece(i).startswith("<0x") for text in TRICKY
                for i in processor.encode(text)), "no string exercised byte fallback"
