@@ -21,8 +21,6 @@ from data_tools.shard_lib.atomic import DirLock, remove_stale_temps
 from data_tools.shard_lib.errors import ShardError
 from pretrain.files import commit, file_sha256, fsync_dir, temp_path, write_atomic
 
-FORMAT = "pretrain-curated"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 REPORT = "report.json"
 STAGING = ".next"
@@ -103,6 +101,7 @@ class ShardWriter:
     def add(self, text: str, id_json: str, text_bytes: int) -> None:
         if self.stream is None:
             self._open()
+        # id_json is the input record's id as JSON text ('' when it has none).
         line = ('{"text": ' + json.dumps(text, ensure_ascii=False)
                 + (', "id": ' + id_json if id_json else "") + "}\n").encode("utf-8")
         self.stream.write(line)
