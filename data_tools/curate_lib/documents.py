@@ -52,7 +52,7 @@ def process_units(batch, stages: list[dict], resources: dict, text_key: str):
             built[s] = FILTERS[spec["name"]](spec["params"], resources.get(s))
         elif spec["name"] == "near_dedup":
             p = spec["params"]
-            built[s] = (p["ngram"], *permutations(p["num_perm"], p["seed"]))
+            built[s] = (p["ngram"], permutations(p["num_perm"], p["seed"]))
     dedup = [s for s, spec in enumerate(stages, start=1) if spec["name"] in rcp.DEDUP_STAGES]
     schema = _unit_schema(dedup)
     for unit_json in batch.column("unit").to_pylist():
@@ -69,8 +69,8 @@ def process_units(batch, stages: list[dict], resources: dict, text_key: str):
                     if spec["name"] == "exact_dedup":
                         features[s] = normalized_digest([text.encode("utf-8")])
                     elif spec["name"] == "near_dedup":
-                        ngram, a, b = built[s]
-                        sig = signature(shingles(text, ngram), a, b)
+                        ngram, seeds = built[s]
+                        sig = signature(shingles(text, ngram), seeds)
                         features[s] = None if sig is None else sig.tobytes()
                     else:
                         text, why, cut = built[s].apply(text)

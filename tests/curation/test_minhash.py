@@ -32,23 +32,26 @@ def mutate(words: list[str], k: int, rng: random.Random) -> list[str]:
 
 def test_signature_agreement_estimates_jaccard():
     rng = random.Random(0)
-    a, b = permutations(256, seed=3)
+    seeds = permutations(256, seed=3)
     errors = []
-    for _ in range(40):
+    for _ in range(60):
         base = [f"w{rng.randrange(5000)}" for _ in range(200)]
         other = mutate(base, rng.randrange(0, 40), rng)
         text_a, text_b = " ".join(base), " ".join(other)
-        estimate = (signature(shingles(text_a, 5), a, b) == signature(shingles(text_b, 5), a, b)).mean()
+        estimate = (signature(shingles(text_a, 5), seeds) == signature(shingles(text_b, 5), seeds)).mean()
         errors.append(estimate - jaccard(text_a, text_b))
     errors = np.array(errors)
-    assert abs(errors.mean()) < 0.02 and np.abs(errors).max() < 0.12, errors
+    # 256 independent positions: standard error <= 0.031; a correlated family (a linear hash
+    # that barely wraps its prime) measured a mean absolute error of 0.057 here.
+    assert abs(errors.mean()) < 0.015 and np.abs(errors).mean() < 0.03, errors
+    assert np.abs(errors).max() < 0.09, errors
 
 
 def test_shingles_ignore_case_and_punctuation_and_handle_short_texts():
     assert np.array_equal(shingles("The cat, sat on the mat!", 5), shingles("the cat sat on THE mat", 5))
     assert len(shingles("two words", 5)) == 1  # shorter than n: the whole text is one shingle
     assert len(shingles("... !!!", 5)) == 0
-    assert signature(shingles("", 5), *permutations(8, 1)) is None
+    assert signature(shingles("", 5), permutations(8, 1)) is None
 
 
 def test_bands_and_rows_follow_the_threshold():
