@@ -43,15 +43,18 @@ class Decisions:
 def decide(stages: list[rcp.Stage], keys: np.ndarray, nbytes: np.ndarray, drop: np.ndarray,
            reasons: list[str], cuts: list[str], removed_by: dict[int, tuple[int, int]]) -> Decisions:
     names = [READ_STAGE] + [s.name for s in stages]
-    position = {int(k): i for i, k in enumerate(keys.tolist())}  # key -> input position
     final = drop.astype(np.int64)
     final[final < 0] = len(names)  # not removed by a per-document stage
     kept_for = {}
-    for key, (s, kept) in removed_by.items():
-        i = position[key]
-        if s < final[i]:
-            final[i] = s
-            kept_for[i] = position[kept]
+    if removed_by:
+        # keys are sorted (input order): a key's position is where searchsorted finds it
+        gone = np.fromiter(removed_by, dtype=np.int64, count=len(removed_by))
+        stage_kept = np.array(list(removed_by.values()), dtype=np.int64)  # (n, 2)
+        at, kept_at = np.searchsorted(keys, gone), np.searchsorted(keys, stage_kept[:, 1])
+        for i, s, kept in zip(at.tolist(), stage_kept[:, 0].tolist(), kept_at.tolist()):
+            if s < final[i]:
+                final[i] = s
+                kept_for[i] = kept
     counts = {s: Counter() for s in range(len(names))}
     byte_counts = {s: Counter() for s in range(len(names))}
     removed = {}
