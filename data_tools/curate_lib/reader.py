@@ -1,5 +1,6 @@
 """Documents of one read unit (shard.py's units: groups of small files, byte ranges of large
-JSONL files, parquet row groups), with their record `id` where the input has one.
+JSONL files, parquet row groups), with their record `id` where the input has one (a JSONL
+field or a parquet column named `id`).
 
 Runs inside Ray tasks; a bad record or an unreadable file comes back as data (an error
 line for the driver), never as a worker traceback.
@@ -54,6 +55,20 @@ def _jsonl(segment: dict, text_key: str) -> Iterator:
                 break
 
 
+def _parquet_ids(segment: dict, text_key: str) -> Iterator[str]:
+    """The row group's `id` column as JSON texts ('' for a null, or every row when the file
+    has no such column), in row order."""
+    import itertools
+
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(segment["path"])
+    if "id" not in parquet.schema_arrow.names or text_key == "id":
+        return itertools.repeat("")
+    ids = parquet.read_row_group(segment["row_group"], columns=["id"]).column(0).to_pylist()
+    return ("" if v is None else json.dumps(v, ensure_ascii=False, default=str) for v in ids)
+
+
 def unit_documents(unit: dict, text_key: str) -> Iterator[tuple[int, bytes, str, str]]:
     """(file path, UTF-8 text, id JSON or '', reject reason or '') per record, in order.
     Raises UnitError for a bad record or an unreadable file."""
@@ -63,6 +78,10 @@ def unit_documents(unit: dict, text_key: str) -> Iterator[tuple[int, bytes, str,
         try:
             if segment["fmt"] in ("jsonl", "jsonl.gz", "jsonl.zst"):
                 items = _jsonl(segment, text_key)
+            elif segment["fmt"] == "parquet":
+                texts = read_segment(segment, text_key, _Position())
+                items = ((data, id_json) for (data, _), id_json in
+                         zip(texts, _parquet_ids(segment, text_key)))
             else:
                 items = ((data, "") for data, _repaired in
                          read_segment(segment, text_key, _Position()))

@@ -100,7 +100,7 @@ def mixed(tmp_path_factory):
     ]
     docs["c.jsonl.zst"] = [(good[5], None, "kept", "", good[5]),
                            (good[4], None, "exact_dedup", "duplicate", None)]
-    docs["d.parquet"] = [(good[6], None, "kept", "", good[6]), (good[7], None, "kept", "", good[7])]
+    docs["d.parquet"] = [(good[6], 70, "kept", "", good[6]), (good[7], None, "kept", "", good[7])]
     docs["e.txt"] = [(good[8], None, "kept", "", good[8])]
 
     write_jsonl(inputs / "a.jsonl", [{"text": d[0], "id": d[1]} for d in docs["a.jsonl"]])
@@ -109,7 +109,8 @@ def mixed(tmp_path_factory):
     with open(inputs / "c.jsonl.zst", "wb") as raw, \
             zstandard.ZstdCompressor().stream_writer(raw) as f:
         f.write("".join(json.dumps({"text": d[0]}) + "\n" for d in docs["c.jsonl.zst"]).encode())
-    pq.write_table(pa.table({"text": [d[0] for d in docs["d.parquet"]]}), inputs / "d.parquet")
+    pq.write_table(pa.table({"id": [d[1] for d in docs["d.parquet"]],
+                             "text": [d[0] for d in docs["d.parquet"]]}), inputs / "d.parquet")
     (inputs / "e.txt").write_text(docs["e.txt"][0][0], encoding="utf-8")
 
     (root / "eval.jsonl").write_text(json.dumps({"text": EVAL_PASSAGE + "? Einstein."}) + "\n")
