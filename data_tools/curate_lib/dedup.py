@@ -25,6 +25,7 @@ def _present(table, stage: int, removed: np.ndarray) -> np.ndarray:
 
 
 def exact_rows(table, stage: int, removed: np.ndarray):
+    """(bucket = the digest's first 8 bytes, key, digest) of every present document."""
     import pyarrow as pa
 
     mask = _present(table, stage, removed)
@@ -49,6 +50,9 @@ def exact_groups(group):
 
 
 def band_rows(table, stage: int, removed: np.ndarray, bands: int, rows: int, num_perm: int):
+    """(bucket, key, signature) per band of every present document. Each row carries the whole
+    signature (bands x num_perm x 4 bytes per document in the shuffle) so that a bucket can
+    verify its candidates without a join."""
     import pyarrow as pa
 
     mask = _present(table, stage, removed)
@@ -65,6 +69,7 @@ def band_rows(table, stage: int, removed: np.ndarray, bands: int, rows: int, num
 
 
 def near_groups(group, threshold: float, num_perm: int):
+    """One bucket (or component): verified edges (earlier key, later key), bucket_edges."""
     import pyarrow as pa
 
     keys = group.column("key").to_numpy()
@@ -78,6 +83,7 @@ def near_groups(group, threshold: float, num_perm: int):
 
 
 def collect_pairs(ds) -> tuple[np.ndarray, np.ndarray]:
+    """The groups' (a, b) pairs on the driver: edges only, never signatures."""
     a, b = [], []
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         a.append(batch.column("a").to_numpy())
