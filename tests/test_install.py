@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("pretrain", "launch", "data_tools", "configs", "pyproject.toml", "README.md")
 SCRIPTS = ("pretrain-train", "pretrain-evaluate", "pretrain-export-hf", "pretrain-plan",
            "pretrain-plot", "pretrain-tokenizer", "pretrain-shard", "pretrain-inspect",
-           "pretrain-export-corpus")
+           "pretrain-export-corpus", "pretrain-curate")
 
 
 
