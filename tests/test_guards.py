@@ -4,6 +4,7 @@ a rank that hangs makes every rank's watchdog dump its Python stacks and exit 76
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -59,6 +60,67 @@ def test_a_hung_rank_is_found_by_every_rank_watchdog(tmp_path):
     assert f"exitcode: {EXIT_HUNG}" in out
 
 
+SPIKE = ["train.loss_spike_zscore=3", "train.loss_spike_window=12"]
+
+
+@pytest.mark.parametrize("nproc,zero_stage", [(1, 3), (2, 1)])
+def test_a_loss_spike_update_is_skipped_like_an_overflow(tmp_path, nproc, zero_stage):
+    """Step 12's batch makes a finite spike (PRETRAIN_TEST_SPIKE=12); with action=skip its
+    update is dropped. The reference drops the same step's update through DeepSpeed's own
+    overflow skip (a NaN batch): the losses and LRs after it must be the same bits, so the
+    weights, the Adam state and the LR schedule saw nothing of step 12 in either run."""
+    common = [f"parallel.zero_stage={zero_stage}", "train.steps=14",
+              "checkpoint.save_on_stop=false", "train.loss_spike_action=skip", *SPIKE]
+    spiked = run_training(tmp_path / "spike", common, nproc=nproc,
+                          env_extra={"PRETRAIN_TEST_SPIKE": "12"})
+    run_training(tmp_path / "nan", common, nproc=nproc, env_extra={"PRETRAIN_TEST_POISON": "12"})
+    got, want = read_metrics(tmp_path / "spike"), read_metrics(tmp_path / "nan")
+    assert [m["step"] for m in got] == list(range(1, 15))
+    assert got[11]["loss"] > got[10]["loss"] + 1 and got[11]["loss_spike_z"] > 3
+    assert [(m["loss"], m["lr"]) for m in got[12:]] == [(m["loss"], m["lr"]) for m in want[12:]]
+    # a skipped spike is not a non-finite step, and stays out of the detector's window
+    assert [m["skipped_updates"] for m in got] == [0] * 14
+    assert [m["spike_skipped_updates"] for m in got] == [0] * 11 + [1] * 3
+    assert "step 12: loss spike, " in spiked.stderr
+    assert "above the last 11 steps; update skipped (train.loss_spike_action)" in spiked.stderr
+
+
+def test_a_loss_spike_rewinds_to_the_last_checkpoint_past_its_batches(tmp_path):
+    """action=rewind: at the spike (step 12, checkpoint at 10) the run reloads step 10 and
+    moves the loader past the batches of steps 11-12; the range is kept in the counters. A
+    run stopped after the rewind (step 14) and resumed ends with the same bits as one run
+    through; a second spike past train.max_rewinds=1 stops the run with exit 2."""
+    common = ["train.steps=16", "checkpoint.interval=10", "train.loss_spike_action=rewind",
+              "train.max_rewinds=1", *SPIKE]
+    env = {"PRETRAIN_TEST_SPIKE": "12"}
+    whole = run_training(tmp_path / "whole", common, env_extra=env)
+    assert ("step 12: loss spike, " in whole.stderr and "rewound to the checkpoint of step 10 "
+            "and skipped the batches of steps 11-12 (rewind 1 of at most 1)" in whole.stderr)
+    metrics = read_metrics(tmp_path / "whole")
+    assert [m["step"] for m in metrics] == list(range(1, 17))
+    assert [m["rewinds"] for m in metrics] == [0] * 10 + [1] * 6
+    assert "loss_spike_z" not in metrics[11]  # step 12 was trained again, on another batch
+    state = json.loads((tmp_path / "whole" / "checkpoints" / "step_00000016" /
+                        "train_state.json").read_text())
+    assert state["counters"]["rewinds"] == [{"steps": [11, 12], "positions": [80, 96]}]
+    assert state["loader"]["position"] == (16 + 2) * 8  # 16 steps' batches and the 2 skipped
+
+    run_training(tmp_path / "split", [*common, "train.exit_at_step=14"], env_extra=env)
+    run_training(tmp_path / "split", common, env_extra=env)  # resumes from step 14
+    split = read_metrics(tmp_path / "split")
+    assert [(m["step"], m["loss"], m["lr"]) for m in split] == [
+        (m["step"], m["loss"], m["lr"]) for m in metrics]
+    state = json.loads((tmp_path / "split" / "checkpoints" / "step_00000016" /
+                        "train_state.json").read_text())
+    assert state["counters"]["rewinds"] == [{"steps": [11, 12], "positions": [80, 96]}]
+
+    halted = run_training(tmp_path / "twice", common, expect_rc=2,
+                          env_extra={"PRETRAIN_TEST_SPIKE": "12,14"})
+    errors = [line for line in halted.stderr.splitlines() if line.startswith("training error")]
+    assert len(errors) == 1 and errors[0].startswith("training error: step 12: loss spike (")
+    assert "after 1 rewind(s) (train.max_rewinds=1)" in errors[0]
+
+
 # ---------------------------------------------------------------- units
 
 def test_non_finite_guard_counts_bad_steps_in_a_row():
@@ -102,3 +164,10 @@ def test_guard_settings_are_checked():
         "train.watchdog_factor=-1")
     assert "train.loss_spike_zscore=inf" in error("train.loss_spike_zscore=.inf")
     assert "parallel.timeout_minutes=0" in error("parallel.timeout_minutes=0")
+    assert error("train.loss_spike_action=skip") == (
+        "train.loss_spike_action=skip needs the spike detector: set train.loss_spike_zscore > 0 "
+        "(e.g. 6)")
+    assert "set checkpoint.interval > 0" in error("train.loss_spike_action=rewind",
+                                                  "train.loss_spike_zscore=6")
+    assert "train.max_rewinds=-1 must be >= 0" in error("train.max_rewinds=-1")
+    assert "train.loss_spike_action" in error("train.loss_spike_action=undo")

@@ -1,5 +1,6 @@
 """Guards of the training loop: non-finite steps skipped and counted (the run stops with
-exit 2 after too many in a row), loss spikes flagged, and a watchdog for hung steps.
+exit 2 after too many in a row), loss spikes flagged (and their updates skipped or rewound),
+and a watchdog for hung steps.
 
 Every rank reaches the same decisions from the same global numbers (the all-reduced loss,
 DeepSpeed's global gradient norm), so the collectives that follow stay in step.
@@ -49,23 +50,33 @@ class NonFiniteGuard:
 
 class LossSpikes:
     """Flags a loss more than `zscore` standard deviations above the mean of the previous
-    `window` finite losses (0 turns it off). Watching only: the step is kept."""
+    `window` finite losses (0 turns it off). `score` watches and keeps every loss; the loop
+    calls `check` and `add` apart when a spike's update is dropped (train.loss_spike_action
+    skip or rewind), so that the spike does not enter the window."""
 
     def __init__(self, zscore: float, window: int):
         self.zscore = zscore
         self.losses: deque[float] = deque(maxlen=window)
 
-    def score(self, loss: float) -> float | None:
-        """The loss's z-score when it is a spike, else None."""
+    def check(self, loss: float) -> float | None:
+        """The loss's z-score when it is a spike, else None; the window is unchanged."""
         if not self.zscore or not math.isfinite(loss):
             return None
-        spike = None
         if len(self.losses) >= max(10, self.losses.maxlen // 4):
             mean = statistics.fmean(self.losses)
             spread = statistics.pstdev(self.losses, mean) or 1e-12
             z = (loss - mean) / spread
-            spike = z if z > self.zscore else None
-        self.losses.append(loss)
+            return z if z > self.zscore else None
+        return None
+
+    def add(self, loss: float) -> None:
+        if self.zscore and math.isfinite(loss):
+            self.losses.append(loss)
+
+    def score(self, loss: float) -> float | None:
+        """check, then add: the loss enters the window, spike or not."""
+        spike = self.check(loss)
+        self.add(loss)
         return spike
 
 
