@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 
 import pytest
 
@@ -83,6 +84,30 @@ def test_a_loss_spike_update_is_skipped_like_an_overflow(tmp_path, nproc, zero_s
     assert [m["spike_skipped_updates"] for m in got] == [0] * 11 + [1] * 3
     assert "step 12: loss spike, " in spiked.stderr
     assert "above the last 11 steps; update skipped (train.loss_spike_action)" in spiked.stderr
+    if nproc == 2:  # no rank is slow here: none is named (train.straggler_factor=1.5 default)
+        assert "straggler" not in spiked.stderr and not any("stragglers" in m for m in got)
+        assert all(m["compute_s_median"] > 0 for m in got)
+
+
+def test_a_slow_rank_is_named_with_its_host(tmp_path):
+    """Rank 1 of 2 computes 0.5 s more per step (PRETRAIN_TEST_SLOW=1:0.5, CPU time); after
+    train.straggler_steps=3 logged steps in a row it is named, with its host and its time
+    against the median. (No slow rank, nothing named: the DP=2 spike test above.)"""
+    proc = run_training(tmp_path / "run", ["train.steps=5", "train.straggler_steps=3",
+                                           "checkpoint.save_on_stop=false"], nproc=2,
+                        env_extra={"PRETRAIN_TEST_SLOW": "1:0.5"})
+    host = socket.gethostname()
+    named = [line for line in proc.stderr.splitlines() if "straggler" in line]
+    assert len(named) == 1 and named[0].startswith(
+        f"warning: step 3: straggler: rank 1 on {host} computed "), named
+    assert "for 3 logged steps in a row (train.straggler_factor=1.5, train.straggler_steps=3)" \
+        in named[0]
+    metrics = read_metrics(tmp_path / "run")
+    assert [("stragglers" in m) for m in metrics] == [False, False, True, True, True]
+    for m in metrics[2:]:
+        (slow,) = m["stragglers"]
+        assert (slow["rank"], slow["host"]) == (1, host)
+        assert slow["compute_s"] > 0.5 and slow["compute_s"] > 1.5 * slow["median_s"]
 
 
 def test_a_loss_spike_rewinds_to_the_last_checkpoint_past_its_batches(tmp_path):
@@ -171,3 +196,6 @@ def test_guard_settings_are_checked():
                                                   "train.loss_spike_zscore=6")
     assert "train.max_rewinds=-1 must be >= 0" in error("train.max_rewinds=-1")
     assert "train.loss_spike_action" in error("train.loss_spike_action=undo")
+    assert "train.straggler_factor=0.5 must be 0 (off) or a finite number > 1" in error(
+        "train.straggler_factor=0.5")
+    assert "train.straggler_steps=0 must be >= 1" in error("train.straggler_steps=0")

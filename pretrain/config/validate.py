@@ -120,6 +120,12 @@ def _check_train(cfg: Config) -> None:
     if t.loss_spike_action == "rewind" and not cfg.checkpoint.interval:
         raise ConfigError("train.loss_spike_action=rewind needs checkpoints to rewind to: set "
                           "checkpoint.interval > 0")
+    if not (math.isfinite(t.straggler_factor) and (t.straggler_factor == 0
+                                                    or t.straggler_factor > 1)):
+        raise ConfigError(f"train.straggler_factor={t.straggler_factor} must be 0 (off) or a "
+                          f"finite number > 1, e.g. 1.5")
+    if t.straggler_steps < 1:
+        raise ConfigError(f"train.straggler_steps={t.straggler_steps} must be >= 1")
     if t.max_rewinds < 0:
         raise ConfigError(f"train.max_rewinds={t.max_rewinds} must be >= 0")
     if t.eval_interval < 0 or t.eval_batches < 1:

@@ -1,6 +1,6 @@
 """Guards of the training loop: non-finite steps skipped and counted (the run stops with
 exit 2 after too many in a row), loss spikes flagged (and their updates skipped or rewound),
-and a watchdog for hung steps.
+stragglers named, and a watchdog for hung steps.
 
 Every rank reaches the same decisions from the same global numbers (the all-reduced loss,
 DeepSpeed's global gradient norm), so the collectives that follow stay in step.
@@ -78,6 +78,24 @@ class LossSpikes:
         spike = self.check(loss)
         self.add(loss)
         return spike
+
+
+class Stragglers:
+    """Names ranks whose compute time is over `factor` x the median rank's for `steps`
+    observations in a row (factor 0: off). Every rank sees the same all-gathered times, so
+    every rank reaches the same verdict; rank 0 logs it."""
+
+    def __init__(self, factor: float, steps: int, world_size: int):
+        self.factor, self.steps = factor, steps
+        self.in_a_row = [0] * world_size
+
+    def observe(self, seconds: list[float]) -> tuple[list[int], float]:
+        """The ranks slow for `steps` observations in a row or more, and the median."""
+        median = statistics.median(seconds)
+        for rank, time_s in enumerate(seconds):
+            slow = self.factor > 0 and time_s > self.factor * median
+            self.in_a_row[rank] = self.in_a_row[rank] + 1 if slow else 0
+        return [r for r, n in enumerate(self.in_a_row) if n >= self.steps], median
 
 
 EXIT_GRACE_S = 3.0  # seconds a firing watchdog waits before exiting: every rank dumps

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -13,7 +14,7 @@ import torch
 from pretrain.config import Config, Layout
 from pretrain.errors import DataError, PeerStopped, TrainingHalted
 from pretrain.model.estimate import flops_per_token, peak_tflops
-from pretrain.trainer.guards import LossSpikes, NonFiniteGuard, Watchdog
+from pretrain.trainer.guards import LossSpikes, NonFiniteGuard, Stragglers, Watchdog
 from pretrain.trainer.hooks import Hooks, perplexity
 from pretrain.log import log, warn
 from pretrain.parallel.schedule import (
@@ -25,6 +26,7 @@ from pretrain.parallel.schedule import (
 
 POISON_ENV = "PRETRAIN_TEST_POISON"  # test hook: steps whose batch yields a NaN loss
 HANG_ENV = "PRETRAIN_TEST_HANG"  # test hook: "STEP:RANK" hangs that rank at that step
+SLOW_ENV = "PRETRAIN_TEST_SLOW"  # test hook: "RANK:SECONDS" of extra compute per step
 SPIKE_ENV = "PRETRAIN_TEST_SPIKE"  # test hook: steps whose labels are scrambled (a loss spike)
 
 
@@ -107,6 +109,13 @@ class Trainer:
         # "12" corrupts the labels of the global batch that step 12 reads in a run without
         # rewinds (a bad batch, found by its data position): a finite loss far above the rest.
         self._spike = {int(s) for s in os.environ.get(SPIKE_ENV, "").split(",") if s}
+        # "1:0.2": rank 1 computes (spins) 0.2 s longer in every step: a straggler.
+        slow = os.environ.get(SLOW_ENV, "")
+        self._slow = (int(slow.split(":")[0]), float(slow.split(":")[1])) if slow else None
+        self.stragglers = Stragglers(t.straggler_factor, t.straggler_steps,
+                                     self.layout.world_size)
+        self._hosts = None  # every rank's host name, gathered at the first check
+        self._busy_s = 0.0  # this rank's compute (CPU busy) seconds since the last check
         hang = os.environ.get(HANG_ENV, "")
         self._hang = tuple(int(x) for x in hang.split(":")) if hang else None
 
@@ -117,6 +126,13 @@ class Trainer:
         waited = time.perf_counter() - waited
         self._test_faults(micro_batches, batch_index)
         lr = self.zero.engine.get_lr()[0]
+        # Compute time as CPU busy time: a rank blocked in a gloo collective sleeps, so the
+        # wait for a slower rank is not counted (on GPUs it is the host's busy time only).
+        busy = time.process_time()
+        if self._slow and self._slow[0] == torch.distributed.get_rank():
+            until = busy + self._slow[1]  # CPU seconds, whatever else the machine runs
+            while time.process_time() < until:
+                pass
         loss_sum, num_tokens = forward_backward(
             self.model_proxies, micro_batches, self.cfg.train.seq_length,
             self.layout.micro_batch_size, z_loss=self.cfg.optim.z_loss,
@@ -128,6 +144,7 @@ class Trainer:
         spike = self.spikes.check(loss)
         dropped = spike is not None and self.cfg.train.loss_spike_action != "warn"
         applied = self.zero.step(skip=dropped)
+        self._busy_s += time.process_time() - busy
         return {"loss": loss, "lr": lr, "grad_norm": self.zero.grad_norm(), "data_wait_s": waited,
                 "applied": applied, "spike": spike, "spike_dropped": dropped}
 
@@ -296,6 +313,9 @@ class Trainer:
                     validation = self.evaluate()
                 self.hooks.on_eval_end(self, validation)
                 record.update(validation)
+            if (self.stragglers.factor and self.layout.world_size > 1
+                    and (self.state.step % t.log_interval == 0 or self.state.step == last)):
+                self._check_stragglers(record)
             self.history.append(record)
             if (self.state.step % t.log_interval == 0 or self.state.step == last or evaluating
                     or bad or spike is not None):
@@ -321,6 +341,34 @@ class Trainer:
             with self._save_deadline(watchdog, "the wait for the last save"):
                 self.checkpointer.wait()
         return "done"
+
+    def _check_stragglers(self, record: dict) -> None:
+        """Every rank's compute seconds since the last check, in one small all-gather; a
+        rank over train.straggler_factor x the median for train.straggler_steps checks in a
+        row is named (in the log once per straggler_steps checks, in the record each time)."""
+        t = self.cfg.train
+        world = self.layout.world_size
+        if self._hosts is None:
+            self._hosts = [None] * world
+            torch.distributed.all_gather_object(self._hosts, socket.gethostname())
+        mine = torch.tensor([self._busy_s], dtype=torch.float64, device=self.device)
+        times = [torch.zeros_like(mine) for _ in range(world)]
+        torch.distributed.all_gather(times, mine)
+        self._busy_s = 0.0
+        seconds = [float(x) for x in times]
+        slow, median = self.stragglers.observe(seconds)
+        record["compute_s_median"] = median
+        if not slow:
+            return
+        record["stragglers"] = [{"rank": r, "host": self._hosts[r], "compute_s": seconds[r],
+                                 "median_s": median} for r in slow]
+        for r in slow:
+            if self.stragglers.in_a_row[r] % t.straggler_steps == 0:
+                warn(f"step {self.state.step}: straggler: rank {r} on {self._hosts[r]} computed "
+                     f"{seconds[r]:.3f} s, {seconds[r] / max(median, 1e-9):.1f}x the median rank's "
+                     f"{median:.3f} s, for {self.stragglers.in_a_row[r]} logged steps in a row "
+                     f"(train.straggler_factor={t.straggler_factor:g}, "
+                     f"train.straggler_steps={t.straggler_steps})")
 
     def _rewind(self, loss: float, z: float) -> bool:
         """After a loss spike (train.loss_spike_action=rewind): reload the newest checkpoint
