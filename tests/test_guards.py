@@ -113,8 +113,9 @@ def test_a_slow_rank_is_named_with_its_host(tmp_path):
 def test_a_loss_spike_rewinds_to_the_last_checkpoint_past_its_batches(tmp_path):
     """action=rewind: at the spike (step 12, checkpoint at 10) the run reloads step 10 and
     moves the loader past the batches of steps 11-12; the range is kept in the counters. A
-    run stopped after the rewind (step 14) and resumed ends with the same bits as one run
-    through; a second spike past train.max_rewinds=1 stops the run with exit 2."""
+    run stopped before the spike (step 10: the detector's window is in the checkpoint) and
+    after the rewind (step 14), and resumed each time, has the same bits as one run through;
+    a second spike past train.max_rewinds=1 stops the run with exit 2."""
     common = ["train.steps=16", "checkpoint.interval=10", "train.loss_spike_action=rewind",
               "train.max_rewinds=1", *SPIKE]
     env = {"PRETRAIN_TEST_SPIKE": "12"}
@@ -130,6 +131,7 @@ def test_a_loss_spike_rewinds_to_the_last_checkpoint_past_its_batches(tmp_path):
     assert state["counters"]["rewinds"] == [{"steps": [11, 12], "positions": [80, 96]}]
     assert state["loader"]["position"] == (16 + 2) * 8  # 16 steps' batches and the 2 skipped
 
+    run_training(tmp_path / "split", [*common, "train.exit_at_step=10"], env_extra=env)
     run_training(tmp_path / "split", [*common, "train.exit_at_step=14"], env_extra=env)
     run_training(tmp_path / "split", common, env_extra=env)  # resumes from step 14
     split = read_metrics(tmp_path / "split")

@@ -52,19 +52,21 @@ class LossSpikes:
     """Flags a loss more than `zscore` standard deviations above the mean of the previous
     `window` finite losses (0 turns it off). `score` watches and keeps every loss; the loop
     calls `check` and `add` apart when a spike's update is dropped (train.loss_spike_action
-    skip or rewind), so that the spike does not enter the window."""
+    skip or rewind), so that the spike does not enter the window. `losses` may be a list
+    kept elsewhere (the checkpointed counters), so a resumed run judges as the first did."""
 
-    def __init__(self, zscore: float, window: int):
-        self.zscore = zscore
-        self.losses: deque[float] = deque(maxlen=window)
+    def __init__(self, zscore: float, window: int, losses: list | None = None):
+        self.zscore, self.window = zscore, window
+        self.losses: list[float] = [] if losses is None else losses
 
     def check(self, loss: float) -> float | None:
         """The loss's z-score when it is a spike, else None; the window is unchanged."""
         if not self.zscore or not math.isfinite(loss):
             return None
-        if len(self.losses) >= max(10, self.losses.maxlen // 4):
-            mean = statistics.fmean(self.losses)
-            spread = statistics.pstdev(self.losses, mean) or 1e-12
+        recent = self.losses[-self.window:]
+        if len(recent) >= max(10, self.window // 4):
+            mean = statistics.fmean(recent)
+            spread = statistics.pstdev(recent, mean) or 1e-12
             z = (loss - mean) / spread
             return z if z > self.zscore else None
         return None
@@ -72,6 +74,7 @@ class LossSpikes:
     def add(self, loss: float) -> None:
         if self.zscore and math.isfinite(loss):
             self.losses.append(loss)
+            del self.losses[:-self.window]  # in place: the list may be shared
 
     def score(self, loss: float) -> float | None:
         """check, then add: the loss enters the window, spike or not."""

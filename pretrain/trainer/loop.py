@@ -41,10 +41,14 @@ class TrainState:
     # Rewinds past loss spikes: {"steps": [first, last], "positions": [from, to]}, the steps
     # (numbered as they were then) whose batches were skipped, and the loader positions.
     rewinds: list = field(default_factory=list)
+    # The loss spike detector's window (guards.LossSpikes keeps it here): a resumed run
+    # flags, skips and rewinds at the same steps as an uninterrupted one.
+    loss_window: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "skipped": self.skipped,
-                "spike_skips": self.spike_skips, "rewinds": list(self.rewinds)}
+                "spike_skips": self.spike_skips, "rewinds": list(self.rewinds),
+                "loss_window": list(self.loss_window)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
@@ -52,6 +56,7 @@ class TrainState:
         self.skipped = int(state.get("skipped", 0))
         self.spike_skips = int(state.get("spike_skips", 0))
         self.rewinds = list(state.get("rewinds", []))
+        self.loss_window[:] = [float(x) for x in state.get("loss_window", [])]  # in place
 
 
 class Throughput:
@@ -102,7 +107,7 @@ class Trainer:
         t = self.cfg.train
         self.throughput = Throughput(self.cfg, self.layout, self.device)
         self.guard = NonFiniteGuard(t.max_bad_steps)
-        self.spikes = LossSpikes(t.loss_spike_zscore, t.loss_spike_window)
+        self.spikes = LossSpikes(t.loss_spike_zscore, t.loss_spike_window, self.state.loss_window)
         # Test hooks (docs/failures.md): "3,4" poisons the batches of steps 3 and 4 (a NaN
         # in the loss mask: a NaN loss and NaN gradients); "5:1" makes rank 1 hang at step 5.
         self._poison = {int(s) for s in os.environ.get(POISON_ENV, "").split(",") if s}
@@ -377,6 +382,7 @@ class Trainer:
         when there is no checkpoint yet (the spike's update was skipped; nothing else)."""
         t = self.cfg.train
         spike_step, done = self.state.step, list(self.state.rewinds)
+        seen = len(self.spikes.losses)  # before the load puts the checkpoint's window back
         if len(done) >= t.max_rewinds:
             raise TrainingHalted(
                 f"step {spike_step}: loss spike ({loss:.4f}, {z:.1f} standard deviations above "
@@ -386,7 +392,7 @@ class Trainer:
         loaded = self.checkpointer.load_own()
         if loaded is None:
             warn(f"step {spike_step}: loss spike, {loss:.4f} is {z:.1f} standard deviations above "
-                 f"the last {len(self.spikes.losses)} steps; no checkpoint to rewind to yet, so "
+                 f"the last {seen} steps; no checkpoint to rewind to yet, so "
                  f"only its update was skipped")
             return False
         back = loaded.step
@@ -397,7 +403,7 @@ class Trainer:
         self.history = [r for r in self.history if r["step"] <= back]
         self.hooks.on_checkpoint_loaded(self, back)
         warn(f"step {spike_step}: loss spike, {loss:.4f} is {z:.1f} standard deviations above "
-             f"the last {len(self.spikes.losses)} steps; rewound to the checkpoint of step {back} "
+             f"the last {seen} steps; rewound to the checkpoint of step {back} "
              f"and skipped the batches of steps {back + 1}-{spike_step} (rewind "
              f"{len(self.state.rewinds)} of at most {t.max_rewinds})")
         return True
