@@ -1,6 +1,7 @@
 """The loop's guards with real faults: a poisoned batch (NaN loss and gradients) is skipped
 under DeepSpeed ZeRO-0 and ZeRO-1; too many in a row stop the run with exit 2 and one line;
-a rank that hangs makes every rank's watchdog dump its Python stacks and exit 76."""
+a rank that hangs makes every rank's watchdog dump its Python stacks and exit 76; a planted
+loss spike is skipped (ZeRO-3, DP=2 ZeRO-1) or rewound past; a slow rank is named."""
 
 from __future__ import annotations
 
