@@ -199,6 +199,13 @@ class Checkpointer:
             return self._load(*self.finder.load_from(load_from), self.cfg.checkpoint.weights_only)
         return None
 
+    def load_own(self) -> Loaded | None:
+        """The run's own newest complete checkpoint, in the middle of a run too (a rewind
+        past a loss spike); None when the run has saved none yet."""
+        self.wait()
+        own = self.finder.own()
+        return None if own is None else self._load(*own, weights_only=False)
+
     def _load(self, path: Path, state: dict, weights_only: bool) -> Loaded:
         check_compatible(path, state, self.cfg, self.layout.padded_vocab_size, self.data)
         started = time.perf_counter()

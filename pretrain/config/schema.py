@@ -100,6 +100,17 @@ class TrainConfig:
     max_bad_steps: int = 3
     loss_spike_zscore: float = 0.0  # >0: flag a loss this many std devs above the recent mean
     loss_spike_window: int = 100  # steps the spike detector averages over
+    # What a spike does: warn (the step is kept), skip (its update is dropped, as DeepSpeed
+    # drops an overflowing one), or rewind (reload the last checkpoint and move the data past
+    # the batches up to the spike); more than max_rewinds rewinds stop the run with exit 2.
+    loss_spike_action: Literal["warn", "skip", "rewind"] = "warn"
+    max_rewinds: int = 3
+    # Straggler report: a rank whose compute time per logged step (CPU busy time of forward,
+    # backward and optimizer, so time blocked in collectives is left out) is over
+    # straggler_factor x the median rank's for straggler_steps logged steps in a row is named
+    # in the log and the metrics. 0 turns it off.
+    straggler_factor: float = 1.5
+    straggler_steps: int = 5
     # Hang watchdog: a step longer than max(watchdog_min_s, watchdog_factor x the median
     # step) dumps every rank's Python stacks and exits 76 (requeued). 0 turns it off.
     watchdog_factor: float = 10.0

@@ -114,6 +114,20 @@ def _check_train(cfg: Config) -> None:
                         "train.watchdog_min_s": t.watchdog_min_s}.items():
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{name}={value} must be a finite number >= 0 (0 turns it off)")
+    if t.loss_spike_action != "warn" and not t.loss_spike_zscore:
+        raise ConfigError(f"train.loss_spike_action={t.loss_spike_action} needs the spike "
+                          f"detector: set train.loss_spike_zscore > 0 (e.g. 6)")
+    if t.loss_spike_action == "rewind" and not cfg.checkpoint.interval:
+        raise ConfigError("train.loss_spike_action=rewind needs checkpoints to rewind to: set "
+                          "checkpoint.interval > 0")
+    if not (math.isfinite(t.straggler_factor) and (t.straggler_factor == 0
+                                                    or t.straggler_factor > 1)):
+        raise ConfigError(f"train.straggler_factor={t.straggler_factor} must be 0 (off) or a "
+                          f"finite number > 1, e.g. 1.5")
+    if t.straggler_steps < 1:
+        raise ConfigError(f"train.straggler_steps={t.straggler_steps} must be >= 1")
+    if t.max_rewinds < 0:
+        raise ConfigError(f"train.max_rewinds={t.max_rewinds} must be >= 0")
     if t.eval_interval < 0 or t.eval_batches < 1:
         raise ConfigError(f"train.eval_interval={t.eval_interval} must be >= 0 and "
                           f"train.eval_batches={t.eval_batches} >= 1")

@@ -214,12 +214,24 @@ class BlendedLoader:
             data = self._caches[s].get(shard)
             rows.append(data.tokens[row])
             starts.append(data.doc_starts[row])
+        self._advance(which, in_stage)
+        self._prefetch()
+        return self._micro_batches(np.stack(rows), starts)
+
+    def _advance(self, which: np.ndarray, in_stage: np.ndarray) -> None:
         if not self.repeat_first_batch:
             np.add.at(self.consumed, which, 1)
             self.stage_consumed = in_stage
             self.position += self.global_batch_size
+
+    def skip_steps(self, count: int) -> None:
+        """Move past the next `count` steps' global batches without reading them (a rewind
+        past a loss spike): the position afterwards is the one `count` next_step() calls
+        would leave, since a step's batch depends only on the position."""
+        for _ in range(count):
+            which, _, in_stage = self._assign(self.global_batch_size)
+            self._advance(which, in_stage)
         self._prefetch()
-        return self._micro_batches(np.stack(rows), starts)
 
     def _prefetch(self) -> None:
         for order, cache, k in zip(self.orders, self._caches, self.consumed):

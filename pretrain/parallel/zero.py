@@ -10,6 +10,8 @@ global-norm clipping and the sharded AdamW update happen.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from megatron.core import parallel_state
 
@@ -80,13 +82,18 @@ class ZeroEngine:
         self.engine = engine
         self._stage0_norm = stage0_norm
 
-    def step(self) -> bool:
-        """The optimizer step, or none at all when a gradient is not finite; returns whether
-        the update was applied. ZeRO-1/2 skip such a step themselves (DeepSpeed's overflow
-        check on the global norm: gradients dropped, Adam state and LR schedule untouched);
-        stage 0 applies the client optimizer unconditionally, so it is checked here first,
-        with one flag all-reduced over every rank so that all skip together."""
+    def step(self, skip: bool = False) -> bool:
+        """The optimizer step, or none at all when a gradient is not finite or `skip` is
+        given (a loss spike: every rank passes the same `skip`, decided from the all-reduced
+        loss); returns whether the update was applied. ZeRO-1/2/3 skip through DeepSpeed's
+        own overflow path (gradients dropped, Adam state and LR schedule untouched); stage 0
+        applies the client optimizer unconditionally, so it is checked here first, with one
+        flag all-reduced over every rank so that all skip together."""
         if self._stage0_norm is not None:
+            if skip:
+                self.engine.zero_grad()
+                self._stage0_norm[0] = float("nan")  # not computed
+                return False
             params = [p for p in self.engine.module.parameters() if p.grad is not None]
             bad = torch.zeros((), dtype=torch.float32,
                               device=params[0].grad.device if params else None)
@@ -97,14 +104,51 @@ class ZeroEngine:
                 self.engine.zero_grad()
                 self._stage0_norm[0] = float("inf")
                 return False
-        self.engine.step()
-        return self.engine.was_step_applied()
+        if not skip:
+            self.engine.step()
+            return self.engine.was_step_applied()
+        with forced_overflow(self.engine.optimizer):
+            self.engine.step()
+        if self.engine.was_step_applied():  # a DeepSpeed whose overflow path moved
+            raise RuntimeError("DeepSpeed applied an update that was to be skipped: "
+                               "parallel/zero.py's forced_overflow no longer reaches its "
+                               "overflow check")
+        return False
 
     def grad_norm(self) -> float:
         if self._stage0_norm is not None:
             return self._stage0_norm[0]
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+
+@contextmanager
+def forced_overflow(optimizer):
+    """Make a ZeRO optimizer's next step() take DeepSpeed's own overflow path: the global
+    gradient norm it computes reads as infinite, so it drops the gradients and leaves the
+    Adam state (and, in the engine, the LR schedule) untouched, as for a real overflow.
+    The norm's collectives are skipped on every rank alike (all ranks skip together)."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
+        name = "_get_norm_groups"  # stage 3: the per-group norms it combines
+
+        def infinite(*_args, **_kwargs):
+            return [torch.tensor(float("inf"))]
+    elif isinstance(optimizer, DeepSpeedZeroOptimizer):
+        name = "scaled_global_norm"  # stage 1/2: checked with is_invalid_grad_norm
+
+        def infinite(*_args, **_kwargs):
+            return torch.tensor(float("inf"))
+    else:
+        raise RuntimeError(f"cannot skip an update of DeepSpeed's {type(optimizer).__name__}; "
+                           f"use train.loss_spike_action=warn with this optimizer")
+    setattr(optimizer, name, infinite)  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        delattr(optimizer, name)
 
 
 def skip_shm_comm_build() -> None:

@@ -1,5 +1,6 @@
 """Guards of the training loop: non-finite steps skipped and counted (the run stops with
-exit 2 after too many in a row), loss spikes flagged, and a watchdog for hung steps.
+exit 2 after too many in a row), loss spikes flagged (and their updates skipped or rewound),
+stragglers named, and a watchdog for hung steps.
 
 Every rank reaches the same decisions from the same global numbers (the all-reduced loss,
 DeepSpeed's global gradient norm), so the collectives that follow stay in step.
@@ -49,24 +50,55 @@ class NonFiniteGuard:
 
 class LossSpikes:
     """Flags a loss more than `zscore` standard deviations above the mean of the previous
-    `window` finite losses (0 turns it off). Watching only: the step is kept."""
+    `window` finite losses (0 turns it off). `score` watches and keeps every loss; the loop
+    calls `check` and `add` apart when a spike's update is dropped (train.loss_spike_action
+    skip or rewind), so that the spike does not enter the window. `losses` may be a list
+    kept elsewhere (the checkpointed counters), so a resumed run judges as the first did."""
 
-    def __init__(self, zscore: float, window: int):
-        self.zscore = zscore
-        self.losses: deque[float] = deque(maxlen=window)
+    def __init__(self, zscore: float, window: int, losses: list | None = None):
+        self.zscore, self.window = zscore, window
+        self.losses: list[float] = [] if losses is None else losses
 
-    def score(self, loss: float) -> float | None:
-        """The loss's z-score when it is a spike, else None."""
+    def check(self, loss: float) -> float | None:
+        """The loss's z-score when it is a spike, else None; the window is unchanged."""
         if not self.zscore or not math.isfinite(loss):
             return None
-        spike = None
-        if len(self.losses) >= max(10, self.losses.maxlen // 4):
-            mean = statistics.fmean(self.losses)
-            spread = statistics.pstdev(self.losses, mean) or 1e-12
+        recent = self.losses[-self.window:]
+        if len(recent) >= max(10, self.window // 4):
+            mean = statistics.fmean(recent)
+            spread = statistics.pstdev(recent, mean) or 1e-12
             z = (loss - mean) / spread
-            spike = z if z > self.zscore else None
-        self.losses.append(loss)
+            return z if z > self.zscore else None
+        return None
+
+    def add(self, loss: float) -> None:
+        if self.zscore and math.isfinite(loss):
+            self.losses.append(loss)
+            del self.losses[:-self.window]  # in place: the list may be shared
+
+    def score(self, loss: float) -> float | None:
+        """check, then add: the loss enters the window, spike or not."""
+        spike = self.check(loss)
+        self.add(loss)
         return spike
+
+
+class Stragglers:
+    """Names ranks whose compute time is over `factor` x the median rank's for `steps`
+    observations in a row (factor 0: off). Every rank sees the same all-gathered times, so
+    every rank reaches the same verdict; rank 0 logs it."""
+
+    def __init__(self, factor: float, steps: int, world_size: int):
+        self.factor, self.steps = factor, steps
+        self.in_a_row = [0] * world_size
+
+    def observe(self, seconds: list[float]) -> tuple[list[int], float]:
+        """The ranks slow for `steps` observations in a row or more, and the median."""
+        median = statistics.median(seconds)
+        for rank, time_s in enumerate(seconds):
+            slow = self.factor > 0 and time_s > self.factor * median
+            self.in_a_row[rank] = self.in_a_row[rank] + 1 if slow else 0
+        return [r for r, n in enumerate(self.in_a_row) if n >= self.steps], median
 
 
 EXIT_GRACE_S = 3.0  # seconds a firing watchdog waits before exiting: every rank dumps

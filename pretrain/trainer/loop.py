@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 
 import torch
 from pretrain.config import Config, Layout
-from pretrain.errors import DataError, PeerStopped
+from pretrain.errors import DataError, PeerStopped, TrainingHalted
 from pretrain.model.estimate import flops_per_token, peak_tflops
-from pretrain.trainer.guards import LossSpikes, NonFiniteGuard, Watchdog
+from pretrain.trainer.guards import LossSpikes, NonFiniteGuard, Stragglers, Watchdog
 from pretrain.trainer.hooks import Hooks, perplexity
 from pretrain.log import log, warn
 from pretrain.parallel.schedule import (
@@ -25,6 +26,8 @@ from pretrain.parallel.schedule import (
 
 POISON_ENV = "PRETRAIN_TEST_POISON"  # test hook: steps whose batch yields a NaN loss
 HANG_ENV = "PRETRAIN_TEST_HANG"  # test hook: "STEP:RANK" hangs that rank at that step
+SLOW_ENV = "PRETRAIN_TEST_SLOW"  # test hook: "RANK:SECONDS" of extra compute per step
+SPIKE_ENV = "PRETRAIN_TEST_SPIKE"  # test hook: steps whose labels are scrambled (a loss spike)
 
 
 @dataclass
@@ -34,13 +37,26 @@ class TrainState:
     step: int = 0  # steps completed (their batches consumed)
     tokens: int = 0  # training tokens consumed (global)
     skipped: int = 0  # steps whose update was skipped (non-finite loss or gradients)
+    spike_skips: int = 0  # steps whose update was skipped as a loss spike
+    # Rewinds past loss spikes: {"steps": [first, last], "positions": [from, to]}, the steps
+    # (numbered as they were then) whose batches were skipped, and the loader positions.
+    rewinds: list = field(default_factory=list)
+    # The loss spike detector's window (guards.LossSpikes keeps it here): a resumed run
+    # flags, skips and rewinds at the same steps as an uninterrupted one.
+    loss_window: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "skipped": self.skipped}
+        return {"step": self.step, "tokens": self.tokens, "skipped": self.skipped,
+                "spike_skips": self.spike_skips, "rewinds": list(self.rewinds),
+                "loss_window": list(self.loss_window)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
-        self.skipped = int(state.get("skipped", 0))  # absent in older checkpoints
+        # absent in older checkpoints
+        self.skipped = int(state.get("skipped", 0))
+        self.spike_skips = int(state.get("spike_skips", 0))
+        self.rewinds = list(state.get("rewinds", []))
+        self.loss_window[:] = [float(x) for x in state.get("loss_window", [])]  # in place
 
 
 class Throughput:
@@ -91,28 +107,51 @@ class Trainer:
         t = self.cfg.train
         self.throughput = Throughput(self.cfg, self.layout, self.device)
         self.guard = NonFiniteGuard(t.max_bad_steps)
-        self.spikes = LossSpikes(t.loss_spike_zscore, t.loss_spike_window)
+        self.spikes = LossSpikes(t.loss_spike_zscore, t.loss_spike_window, self.state.loss_window)
         # Test hooks (docs/failures.md): "3,4" poisons the batches of steps 3 and 4 (a NaN
         # in the loss mask: a NaN loss and NaN gradients); "5:1" makes rank 1 hang at step 5.
         self._poison = {int(s) for s in os.environ.get(POISON_ENV, "").split(",") if s}
+        # "12" corrupts the labels of the global batch that step 12 reads in a run without
+        # rewinds (a bad batch, found by its data position): a finite loss far above the rest.
+        self._spike = {int(s) for s in os.environ.get(SPIKE_ENV, "").split(",") if s}
+        # "1:0.2": rank 1 computes (spins) 0.2 s longer in every step: a straggler.
+        slow = os.environ.get(SLOW_ENV, "")
+        self._slow = (int(slow.split(":")[0]), float(slow.split(":")[1])) if slow else None
+        self.stragglers = Stragglers(t.straggler_factor, t.straggler_steps,
+                                     self.layout.world_size)
+        self._hosts = None  # every rank's host name, gathered at the first check
+        self._busy_s = 0.0  # this rank's compute (CPU busy) seconds since the last check
         hang = os.environ.get(HANG_ENV, "")
         self._hang = tuple(int(x) for x in hang.split(":")) if hang else None
 
     def train_step(self) -> dict:
+        batch_index = self.loader.position // self.cfg.train.global_batch_size  # the test hook's
         waited = time.perf_counter()
         micro_batches = self._next_micro_batches(self.loader)
         waited = time.perf_counter() - waited
-        self._test_faults(micro_batches)
+        self._test_faults(micro_batches, batch_index)
         lr = self.zero.engine.get_lr()[0]
+        # Compute time as CPU busy time: a rank blocked in a gloo collective sleeps, so the
+        # wait for a slower rank is not counted (on GPUs it is the host's busy time only).
+        busy = time.process_time()
+        if self._slow and self._slow[0] == torch.distributed.get_rank():
+            until = busy + self._slow[1]  # CPU seconds, whatever else the machine runs
+            while time.process_time() < until:
+                pass
         loss_sum, num_tokens = forward_backward(
             self.model_proxies, micro_batches, self.cfg.train.seq_length,
             self.layout.micro_batch_size, z_loss=self.cfg.optim.z_loss,
             flex=flex_masks(self.cfg.data, self.device))
         allreduce_tied_embedding_grads(self.chunks)
-        applied = self.zero.step()
+        # The loss before the step, so that a spike's update can still be dropped; every rank
+        # reaches the same verdict from the same all-reduced loss and the same window.
         loss = global_mean_loss(loss_sum, num_tokens, self.device)
+        spike = self.spikes.check(loss)
+        dropped = spike is not None and self.cfg.train.loss_spike_action != "warn"
+        applied = self.zero.step(skip=dropped)
+        self._busy_s += time.process_time() - busy
         return {"loss": loss, "lr": lr, "grad_norm": self.zero.grad_norm(), "data_wait_s": waited,
-                "applied": applied}
+                "applied": applied, "spike": spike, "spike_dropped": dropped}
 
     def _next_micro_batches(self, loader) -> list:
         """This rank's micro-batches of the next step. Whether every rank got its data is
@@ -133,10 +172,13 @@ class Trainer:
             raise error
         return micro_batches
 
-    def _test_faults(self, micro_batches) -> None:
+    def _test_faults(self, micro_batches, batch_index: int) -> None:
         step = self.state.step + 1
         if step in self._poison:
             micro_batches[0].loss_mask[0, 0] = float("nan")
+        if batch_index + 1 in self._spike:
+            for micro in micro_batches:  # every label the last id: one the model never saw
+                micro.labels.fill_(self.layout.padded_vocab_size - 1)
         if self._hang and self._hang[0] == step and self._hang[1] == torch.distributed.get_rank():
             time.sleep(1e6)
 
@@ -234,12 +276,19 @@ class Trainer:
             watchdog.beat(self.state.step + 1, elapsed)
             self.state.step += 1
             self.state.tokens += tokens_per_step
+            spike = out["spike"]
+            if out["spike_dropped"] and t.loss_spike_action == "rewind" and self._rewind(
+                    out["loss"], spike):
+                watchdog.beat(self.state.step)
+                continue
             record = {"step": self.state.step, "loss": out["loss"], "lr": out["lr"],
                       "grad_norm": out["grad_norm"], "tokens": self.state.tokens,
                       "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed,
                       "data_wait_s": out["data_wait_s"],
                       **self.throughput.metrics(tokens_per_step, elapsed)}
-            bad = self.guard.observe(out["loss"], out["grad_norm"], out["applied"])
+            # A dropped spike is no non-finite step: the guard and the spike window skip it.
+            bad = not out["spike_dropped"] and self.guard.observe(
+                out["loss"], out["grad_norm"], out["applied"])
             if bad:
                 self.state.skipped += 1
                 warn(f"step {self.state.step}: loss {out['loss']}, grad_norm {out['grad_norm']}: "
@@ -248,11 +297,20 @@ class Trainer:
             record["skipped_updates"] = self.state.skipped
             if stalled is not None:
                 record["save_stall_s"], stalled = stalled, None
-            spike = self.spikes.score(out["loss"])
             if spike is not None:
                 record["loss_spike_z"] = spike
+                what = "kept"
+                if out["spike_dropped"]:
+                    self.state.spike_skips += 1
+                    what = "update skipped (train.loss_spike_action)"
                 warn(f"step {self.state.step}: loss spike, {out['loss']:.4f} is {spike:.1f} "
-                     f"standard deviations above the last {len(self.spikes.losses) - 1} steps")
+                     f"standard deviations above the last {len(self.spikes.losses)} steps; "
+                     f"{what}")
+            if not out["spike_dropped"]:
+                self.spikes.add(out["loss"])
+            if t.loss_spike_action != "warn":
+                record["spike_skipped_updates"] = self.state.spike_skips
+                record["rewinds"] = len(self.state.rewinds)
             evaluating = bool(self.valid_sets) and (
                 self.state.step % t.eval_interval == 0 or self.state.step == last)
             if evaluating:
@@ -260,6 +318,9 @@ class Trainer:
                     validation = self.evaluate()
                 self.hooks.on_eval_end(self, validation)
                 record.update(validation)
+            if (self.stragglers.factor and self.layout.world_size > 1
+                    and (self.state.step % t.log_interval == 0 or self.state.step == last)):
+                self._check_stragglers(record)
             self.history.append(record)
             if (self.state.step % t.log_interval == 0 or self.state.step == last or evaluating
                     or bad or spike is not None):
@@ -285,6 +346,67 @@ class Trainer:
             with self._save_deadline(watchdog, "the wait for the last save"):
                 self.checkpointer.wait()
         return "done"
+
+    def _check_stragglers(self, record: dict) -> None:
+        """Every rank's compute seconds since the last check, in one small all-gather; a
+        rank over train.straggler_factor x the median for train.straggler_steps checks in a
+        row is named (in the log once per straggler_steps checks, in the record each time)."""
+        t = self.cfg.train
+        world = self.layout.world_size
+        if self._hosts is None:
+            self._hosts = [None] * world
+            torch.distributed.all_gather_object(self._hosts, socket.gethostname())
+        mine = torch.tensor([self._busy_s], dtype=torch.float64, device=self.device)
+        times = [torch.zeros_like(mine) for _ in range(world)]
+        torch.distributed.all_gather(times, mine)
+        self._busy_s = 0.0
+        seconds = [float(x) for x in times]
+        slow, median = self.stragglers.observe(seconds)
+        record["compute_s_median"] = median
+        if not slow:
+            return
+        record["stragglers"] = [{"rank": r, "host": self._hosts[r], "compute_s": seconds[r],
+                                 "median_s": median} for r in slow]
+        for r in slow:
+            if self.stragglers.in_a_row[r] % t.straggler_steps == 0:
+                warn(f"step {self.state.step}: straggler: rank {r} on {self._hosts[r]} computed "
+                     f"{seconds[r]:.3f} s, {seconds[r] / max(median, 1e-9):.1f}x the median rank's "
+                     f"{median:.3f} s, for {self.stragglers.in_a_row[r]} logged steps in a row "
+                     f"(train.straggler_factor={t.straggler_factor:g}, "
+                     f"train.straggler_steps={t.straggler_steps})")
+
+    def _rewind(self, loss: float, z: float) -> bool:
+        """After a loss spike (train.loss_spike_action=rewind): reload the newest checkpoint
+        (weights, Adam state, LR schedule, counters) and move the loader past the batches of
+        the steps after it, the spike's included; the range is kept in the counters. False
+        when there is no checkpoint yet (the spike's update was skipped; nothing else)."""
+        t = self.cfg.train
+        spike_step, done = self.state.step, list(self.state.rewinds)
+        seen = len(self.spikes.losses)  # before the load puts the checkpoint's window back
+        if len(done) >= t.max_rewinds:
+            raise TrainingHalted(
+                f"step {spike_step}: loss spike ({loss:.4f}, {z:.1f} standard deviations above "
+                f"the recent mean) after {len(done)} rewind(s) (train.max_rewinds="
+                f"{t.max_rewinds}). Stopping without requeue: lower optim.lr, check the data of "
+                f"these steps, or raise train.loss_spike_zscore or train.max_rewinds")
+        loaded = self.checkpointer.load_own()
+        if loaded is None:
+            warn(f"step {spike_step}: loss spike, {loss:.4f} is {z:.1f} standard deviations above "
+                 f"the last {seen} steps; no checkpoint to rewind to yet, so "
+                 f"only its update was skipped")
+            return False
+        back = loaded.step
+        before = self.loader.state_dict()["position"]
+        self.loader.skip_steps(spike_step - back)
+        self.state.rewinds = done + [{"steps": [back + 1, spike_step],
+                                      "positions": [before, self.loader.state_dict()["position"]]}]
+        self.history = [r for r in self.history if r["step"] <= back]
+        self.hooks.on_checkpoint_loaded(self, back)
+        warn(f"step {spike_step}: loss spike, {loss:.4f} is {z:.1f} standard deviations above "
+             f"the last {seen} steps; rewound to the checkpoint of step {back} "
+             f"and skipped the batches of steps {back + 1}-{spike_step} (rewind "
+             f"{len(self.state.rewinds)} of at most {t.max_rewinds})")
+        return True
 
     def _save_deadline(self, watchdog: Watchdog, what: str):
         """Saves are not steps (no step budget), but may not hang: SIGTERM during a save is

@@ -200,3 +200,20 @@ def test_reset_attention_with_several_documents_in_a_sample(tmp_path):
     assert micro.position_ids[0].tolist() == list(range(5)) + list(range(6)) + list(range(5))
     mask = document_causal_mask(micro.segment_ids)[0, 0]
     assert mask[12, :11].all() and not mask[12, 11:13].any() and mask[12, 13:].all()
+
+
+def test_skip_steps_lands_where_reading_them_would(tmp_path):
+    """A rewind past a loss spike moves the loader without reading (skip_steps): the state
+    and the next batches are those after reading the skipped steps, across a data stage."""
+    a = write_dataset(tmp_path / "a", SEQ, [30, 30], salt=0)
+    b = write_dataset(tmp_path / "b", SEQ, [25], salt=1)
+    stages = [(2 * GLOBAL + 3, [1.0, 1.0])]  # the blend changes inside the skipped steps
+    read = _loader([a, b], weights=[3.0, 1.0], stages=stages)
+    for _ in range(4):
+        read.next_step()
+    skipped = _loader([a, b], weights=[3.0, 1.0], stages=stages)
+    skipped.next_step()
+    skipped.skip_steps(3)
+    assert skipped.state_dict() == read.state_dict()
+    for _ in range(2):
+        assert _ids(skipped.next_step()) == _ids(read.next_step())
