@@ -11,6 +11,7 @@ from __future__ import annotations
 import faulthandler
 import math
 import os
+import socket
 import statistics
 import sys
 import threading
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 # A hung step ends the process with EXIT_HUNG: a crash to slurm/pretrain_1b.sh, which
 # requeues it (up to MAX_RESTARTS) to resume from the newest checkpoint.
 from pretrain.errors import EXIT_HUNG, TrainingHalted
+from pretrain.log import warn
 
 
 class NonFiniteGuard:
@@ -91,6 +93,36 @@ class Stragglers:
     def __init__(self, factor: float, steps: int, world_size: int):
         self.factor, self.steps = factor, steps
         self.in_a_row = [0] * world_size
+
+    hosts: list | None = None  # every rank's host name, gathered at the first check
+
+    def check(self, busy_s: float, step: int, record: dict, device) -> None:
+        """Every rank's compute seconds since the last check (`busy_s` is this rank's), in one
+        small all-gather; a rank over factor x the median for `steps` checks in a row is named
+        (in the log once per `steps` checks, in the record each time)."""
+        import torch
+
+        world = len(self.in_a_row)
+        if self.hosts is None:
+            self.hosts = [None] * world
+            torch.distributed.all_gather_object(self.hosts, socket.gethostname())
+        mine = torch.tensor([busy_s], dtype=torch.float64, device=device)
+        times = [torch.zeros_like(mine) for _ in range(world)]
+        torch.distributed.all_gather(times, mine)
+        seconds = [float(x) for x in times]
+        slow, median = self.observe(seconds)
+        record["compute_s_median"] = median
+        if not slow:
+            return
+        record["stragglers"] = [{"rank": r, "host": self.hosts[r], "compute_s": seconds[r],
+                                 "median_s": median} for r in slow]
+        for r in slow:
+            if self.in_a_row[r] % self.steps == 0:
+                warn(f"step {step}: straggler: rank {r} on {self.hosts[r]} computed "
+                     f"{seconds[r]:.3f} s, {seconds[r] / max(median, 1e-9):.1f}x the median rank's "
+                     f"{median:.3f} s, for {self.in_a_row[r]} logged steps in a row "
+                     f"(train.straggler_factor={self.factor:g}, "
+                     f"train.straggler_steps={self.steps})")
 
     def observe(self, seconds: list[float]) -> tuple[list[int], float]:
         """The ranks slow for `steps` observations in a row or more, and the median."""

@@ -5,8 +5,6 @@ rank, and a record per step handed to the hooks (hooks.py) that watch."""
 from __future__ import annotations
 
 import math
-import os
-import socket
 import time
 from dataclasses import dataclass, field
 
@@ -16,6 +14,7 @@ from pretrain.errors import DataError, PeerStopped, TrainingHalted
 from pretrain.model.estimate import flops_per_token, peak_tflops
 from pretrain.trainer.guards import LossSpikes, NonFiniteGuard, Stragglers, Watchdog
 from pretrain.trainer.hooks import Hooks, perplexity
+from pretrain.trainer.fault_hooks import FaultHooks
 from pretrain.log import log, warn
 from pretrain.parallel.schedule import (
     allreduce_tied_embedding_grads,
@@ -24,10 +23,6 @@ from pretrain.parallel.schedule import (
     global_mean_loss,
 )
 
-POISON_ENV = "PRETRAIN_TEST_POISON"  # test hook: steps whose batch yields a NaN loss
-HANG_ENV = "PRETRAIN_TEST_HANG"  # test hook: "STEP:RANK" hangs that rank at that step
-SLOW_ENV = "PRETRAIN_TEST_SLOW"  # test hook: "RANK:SECONDS" of extra compute per step
-SPIKE_ENV = "PRETRAIN_TEST_SPIKE"  # test hook: steps whose labels are scrambled (a loss spike)
 
 
 @dataclass
@@ -108,36 +103,23 @@ class Trainer:
         self.throughput = Throughput(self.cfg, self.layout, self.device)
         self.guard = NonFiniteGuard(t.max_bad_steps)
         self.spikes = LossSpikes(t.loss_spike_zscore, t.loss_spike_window, self.state.loss_window)
-        # Test hooks (docs/failures.md): "3,4" poisons the batches of steps 3 and 4 (a NaN
-        # in the loss mask: a NaN loss and NaN gradients); "5:1" makes rank 1 hang at step 5.
-        self._poison = {int(s) for s in os.environ.get(POISON_ENV, "").split(",") if s}
-        # "12" corrupts the labels of the global batch that step 12 reads in a run without
-        # rewinds (a bad batch, found by its data position): a finite loss far above the rest.
-        self._spike = {int(s) for s in os.environ.get(SPIKE_ENV, "").split(",") if s}
-        # "1:0.2": rank 1 computes (spins) 0.2 s longer in every step: a straggler.
-        slow = os.environ.get(SLOW_ENV, "")
-        self._slow = (int(slow.split(":")[0]), float(slow.split(":")[1])) if slow else None
+        self.faults = FaultHooks.from_env()  # the test hooks of docs/failures.md
         self.stragglers = Stragglers(t.straggler_factor, t.straggler_steps,
                                      self.layout.world_size)
-        self._hosts = None  # every rank's host name, gathered at the first check
         self._busy_s = 0.0  # this rank's compute (CPU busy) seconds since the last check
-        hang = os.environ.get(HANG_ENV, "")
-        self._hang = tuple(int(x) for x in hang.split(":")) if hang else None
 
     def train_step(self) -> dict:
         batch_index = self.loader.position // self.cfg.train.global_batch_size  # the test hook's
         waited = time.perf_counter()
         micro_batches = self._next_micro_batches(self.loader)
         waited = time.perf_counter() - waited
-        self._test_faults(micro_batches, batch_index)
+        self.faults.corrupt(micro_batches, self.state.step + 1, batch_index,
+                            self.layout.padded_vocab_size)
         lr = self.zero.engine.get_lr()[0]
         # Compute time as CPU busy time: a rank blocked in a gloo collective sleeps, so the
         # wait for a slower rank is not counted (on GPUs it is the host's busy time only).
         busy = time.process_time()
-        if self._slow and self._slow[0] == torch.distributed.get_rank():
-            until = busy + self._slow[1]  # CPU seconds, whatever else the machine runs
-            while time.process_time() < until:
-                pass
+        self.faults.spin()
         loss_sum, num_tokens = forward_backward(
             self.model_proxies, micro_batches, self.cfg.train.seq_length,
             self.layout.micro_batch_size, z_loss=self.cfg.optim.z_loss,
@@ -171,16 +153,6 @@ class Trainer:
         if error is not None:
             raise error
         return micro_batches
-
-    def _test_faults(self, micro_batches, batch_index: int) -> None:
-        step = self.state.step + 1
-        if step in self._poison:
-            micro_batches[0].loss_mask[0, 0] = float("nan")
-        if batch_index + 1 in self._spike:
-            for micro in micro_batches:  # every label the last id: one the model never saw
-                micro.labels.fill_(self.layout.padded_vocab_size - 1)
-        if self._hang and self._hang[0] == step and self._hang[1] == torch.distributed.get_rank():
-            time.sleep(1e6)
 
     def _to_device(self, micro):
         if self.device.type == "cpu":
@@ -320,7 +292,8 @@ class Trainer:
                 record.update(validation)
             if (self.stragglers.factor and self.layout.world_size > 1
                     and (self.state.step % t.log_interval == 0 or self.state.step == last)):
-                self._check_stragglers(record)
+                self.stragglers.check(self._busy_s, self.state.step, record, self.device)
+                self._busy_s = 0.0
             self.history.append(record)
             if (self.state.step % t.log_interval == 0 or self.state.step == last or evaluating
                     or bad or spike is not None):
@@ -346,34 +319,6 @@ class Trainer:
             with self._save_deadline(watchdog, "the wait for the last save"):
                 self.checkpointer.wait()
         return "done"
-
-    def _check_stragglers(self, record: dict) -> None:
-        """Every rank's compute seconds since the last check, in one small all-gather; a
-        rank over train.straggler_factor x the median for train.straggler_steps checks in a
-        row is named (in the log once per straggler_steps checks, in the record each time)."""
-        t = self.cfg.train
-        world = self.layout.world_size
-        if self._hosts is None:
-            self._hosts = [None] * world
-            torch.distributed.all_gather_object(self._hosts, socket.gethostname())
-        mine = torch.tensor([self._busy_s], dtype=torch.float64, device=self.device)
-        times = [torch.zeros_like(mine) for _ in range(world)]
-        torch.distributed.all_gather(times, mine)
-        self._busy_s = 0.0
-        seconds = [float(x) for x in times]
-        slow, median = self.stragglers.observe(seconds)
-        record["compute_s_median"] = median
-        if not slow:
-            return
-        record["stragglers"] = [{"rank": r, "host": self._hosts[r], "compute_s": seconds[r],
-                                 "median_s": median} for r in slow]
-        for r in slow:
-            if self.stragglers.in_a_row[r] % t.straggler_steps == 0:
-                warn(f"step {self.state.step}: straggler: rank {r} on {self._hosts[r]} computed "
-                     f"{seconds[r]:.3f} s, {seconds[r] / max(median, 1e-9):.1f}x the median rank's "
-                     f"{median:.3f} s, for {self.stragglers.in_a_row[r]} logged steps in a row "
-                     f"(train.straggler_factor={t.straggler_factor:g}, "
-                     f"train.straggler_steps={t.straggler_steps})")
 
     def _rewind(self, loss: float, z: float) -> bool:
         """After a loss spike (train.loss_spike_action=rewind): reload the newest checkpoint
