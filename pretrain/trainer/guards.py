@@ -13,7 +13,7 @@ import math
 import os
 import socket
 import statistics
-import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -215,13 +215,21 @@ class Watchdog:
                            f"(train.watchdog_factor={self.factor:g} x the median step, at least "
                            f"train.watchdog_min_s={self.min_seconds:g}); Python stacks of every "
                            f"thread follow, then exit {EXIT_HUNG}\n")
-            os.write(2, message.encode())
-            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-            sys.stderr.flush()
+            os.write(2, message.encode() + self._stacks())
             # The other ranks' watchdogs fire within a poll interval of this one; exiting at
             # once let the launcher kill them first, so the log missed where they were.
             time.sleep(EXIT_GRACE_S)
             os._exit(EXIT_HUNG)
+
+    def _stacks(self) -> bytes:
+        """Every thread's Python stack, each line prefixed with this rank, as one buffer:
+        written with one call, the ranks' dumps into a shared stderr (torchrun's) do not
+        interleave mid-line as faulthandler's many small writes do."""
+        with tempfile.TemporaryFile() as dump:
+            faulthandler.dump_traceback(file=dump, all_threads=True)
+            dump.seek(0)
+            lines = dump.read().decode(errors="replace").splitlines()
+        return "".join(f"rank {self.rank}: {line}\n" for line in lines).encode()
 
     def close(self) -> None:
         self._stop.set()

@@ -26,6 +26,7 @@ COMMON = [f"train.steps={STEPS}", "optim.warmup_steps=1", "optim.lr=1e-2", "opti
           "train.micro_batch_size=2", "train.global_batch_size=8", "optim.grad_clip=1.0"]
 
 WSD = ["optim.schedule=wsd", "optim.decay_steps=3", "optim.decay_shape=1-sqrt"]
+QWEN = ["model.qk_norm=true", "model.qkv_bias=true", "model.head_dim=24"]
 
 LAYOUTS = {
     # name: (ranks, overrides)
@@ -47,13 +48,19 @@ LAYOUTS = {
     "tp2_z_loss": (2, ["parallel.tensor_parallel=2", "optim.z_loss=0.01"]),
     "tp2_sp_sinusoidal": (2, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
                               "model.position_embedding=sinusoidal"]),
+    # Qwen's decoder options: the q/k norm's weight is replicated over TP while each rank
+    # normalizes its own heads (its gradient must be summed over TP), q/k/v biases are split
+    # with their heads, and head_dim is not hidden/heads.
+    "tp2_sp_qk_norm_qkv_bias": (2, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
+                                    *QWEN]),
 }
 
 # Variants of the model (untied embeddings, positions), the schedule or the loss get their
 # own one-process reference.
 REFERENCE_VARIANT = {"pp2_untied": ["model.tie_embeddings=false"], "tp2_dp2_wsd": WSD,
                      "tp2_z_loss": ["optim.z_loss=0.01"],
-                     "tp2_sp_sinusoidal": ["model.position_embedding=sinusoidal"]}
+                     "tp2_sp_sinusoidal": ["model.position_embedding=sinusoidal"],
+                     "tp2_sp_qk_norm_qkv_bias": QWEN}
 
 
 @pytest.fixture(scope="module")
