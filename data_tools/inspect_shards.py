@@ -28,16 +28,11 @@ if __name__ == "__main__" and not __package__:  # run as a file in a checkout:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, as `-m` has it
 
 from pretrain.data import formats, tokenizers  # noqa: E402
-from pretrain.errors import EXIT_BAD_INPUT, UserError, report  # noqa: E402
+from pretrain.errors import OneLineParser, UserError, report  # noqa: E402
 
 MEMBER_RE = re.compile(r"^(\d{10})\.(doc_starts|tokens)$")
 MAX_PROBLEMS = 5  # per shard: the first few say what is wrong, the rest is noise
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
 
 
 class ShardCheck:
@@ -236,7 +231,7 @@ def _decode(manifest: dict, samples: dict[int, np.ndarray], tokenizer: str | Non
 
 def main(argv=None) -> int:
     summary, _, details = __doc__.partition("\n\n")
-    parser = _Parser(description=" ".join(summary.split()), epilog=details,
+    parser = OneLineParser(description=" ".join(summary.split()), epilog=details,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", metavar="DIR", help="shard directory (holds manifest.json)")
     parser.add_argument("--samples", type=int, default=2, metavar="N",

@@ -41,19 +41,13 @@ if __name__ == "__main__" and not __package__:  # run as a file in a checkout:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, as `-m` has it
 
 from data_tools.shard_lib.pipeline import TXT_MODES, Options, build  # noqa: E402
-from pretrain.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, UserError, report  # noqa: E402
+from pretrain.errors import OneLineParser, EXIT_INTERRUPTED, UserError, report  # noqa: E402
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        # One line, like every other error of this tool (argparse prints usage + message).
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
 
 
 def parse_args(argv=None) -> Options:
     summary, _, details = __doc__.partition("\n\n")
-    parser = _Parser(description=" ".join(summary.split()), epilog=details,
+    parser = OneLineParser(description=" ".join(summary.split()), epilog=details,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
                         help="files, directories (recursive) or globs; may be repeated")

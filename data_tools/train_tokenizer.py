@@ -52,7 +52,7 @@ from pretrain.data.formats import (BadRecord, DataError, decompress, file_format
                                    find_inputs, json_text, parquet_row_groups, parquet_texts)
 from pretrain.data.tokenizers import (CARD_FORMAT, CARD_VERSION, SPECIAL_IDS,  # noqa: E402
                                       card_path, open_tokenizer)
-from pretrain.errors import EXIT_BAD_INPUT, UserError, report  # noqa: E402
+from pretrain.errors import OneLineParser, UserError, report  # noqa: E402
 from pretrain.files import file_sha256, write_atomic  # noqa: E402
 
 MAX_SENTENCE_BYTES = 4192  # sentencepiece's max_sentence_length default, passed explicitly
@@ -346,14 +346,9 @@ def train_model(sentences: list[str], options: dict, seed: int, args) -> bytes:
 
 # ---------------------------------------------------------------- command line
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other input error of this tool
-        print(f"error: {message}; see --help", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-
 
 def parse_args(argv=None):
-    parser = _Parser(description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, nargs="+", action="extend",
                         help="files, directories or quoted globs (.txt, .jsonl, .jsonl.gz, .jsonl.zst, "

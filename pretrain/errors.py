@@ -20,6 +20,7 @@ keeps its traceback, because it is a bug to be reported, not an input to be fixe
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 EXIT_OK = 0
@@ -114,3 +115,12 @@ def report(err: BaseException, *, label: str | None = None, rank: int = 0, world
         line = one_line(err, label, rank if every_rank and world_size > 1 else None)
         print(line, file=file or sys.stderr, flush=True)
     return err.exit_status
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for the tools: a bad command line is one line (not usage + message) and exit
+    EXIT_BAD_INPUT, like every other input error."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)

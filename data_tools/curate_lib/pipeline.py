@@ -37,7 +37,8 @@ from data_tools.curate_lib.minhash import choose_bands
 from data_tools.curate_lib.reader import UnitError, unit_documents
 from data_tools.shard_lib.errors import ShardError
 from data_tools.shard_lib.inputs import plan_units, resolve_inputs
-from data_tools.shard_lib.pipeline import NORMALIZATION, TXT_MODES, init_ray, local_cpus
+from data_tools.shard_lib.pipeline import (NORMALIZATION, TXT_MODES, init_ray, local_cpus,
+                                           shutdown_ray)
 from pretrain.errors import DataError
 
 @dataclass
@@ -174,18 +175,12 @@ def build(opts: Options) -> Result:
         raise CurateError(f"cannot write {err.filename or output}: {err.strerror or err}; free "
                           f"space or fix the permissions of --output {output}") from None
     finally:
-        for cleanup in (_shutdown_ray if owned else None, held.release):
+        for cleanup in (shutdown_ray if owned else None, held.release):
             if cleanup:
                 try:
                     cleanup()
                 except Exception:  # noqa: BLE001 - the error that got us here is the one to report
                     pass
-
-
-def _shutdown_ray() -> None:
-    import ray
-
-    ray.shutdown()
 
 
 def _read_phase(ds):

@@ -454,7 +454,7 @@ def build(opts: Options) -> dict:
         cleanups = [pieces_from_ray.close if hasattr(pieces_from_ray, "close") else None,
                     progress.close if progress is not None else None,
                     *[writer.abort for writer in writers.values()],
-                    _shutdown_ray if ray_owned else None, lock.release]
+                    shutdown_ray if ray_owned else None, lock.release]
         for cleanup in filter(None, cleanups):
             try:
                 cleanup()
@@ -462,7 +462,7 @@ def build(opts: Options) -> dict:
                 pass
 
 
-def _shutdown_ray() -> None:
+def shutdown_ray() -> None:
     import ray
 
     ray.shutdown()
