@@ -16,7 +16,9 @@ import pytest
 from tests import zygote
 from tests.launch_helpers import REPO, clean_env, launch
 
-pytestmark = pytest.mark.slow  # starts the server (~5 s of imports) when no test did before
+pytestmark = [pytest.mark.slow,  # starts the server (~5 s of imports) when no test did before
+              pytest.mark.skipif(os.environ.get(zygote.DISABLE_ENV) == "0",
+                                 reason=f"the fork server is off ({zygote.DISABLE_ENV}=0)")]
 PROBE = "tests/zygote_probe.py"
 
 
