@@ -34,7 +34,6 @@ MEMBER_RE = re.compile(r"^(\d{10})\.(doc_starts|tokens)$")
 MAX_PROBLEMS = 5  # per shard: the first few say what is wrong, the rest is noise
 
 
-
 class ShardCheck:
     """Reads one shard and records what does not match the manifest and the format."""
 
@@ -232,7 +231,7 @@ def _decode(manifest: dict, samples: dict[int, np.ndarray], tokenizer: str | Non
 def main(argv=None) -> int:
     summary, _, details = __doc__.partition("\n\n")
     parser = OneLineParser(description=" ".join(summary.split()), epilog=details,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", metavar="DIR", help="shard directory (holds manifest.json)")
     parser.add_argument("--samples", type=int, default=2, metavar="N",
                         help="decode N train samples, evenly spaced (default: 2; 0: none)")

@@ -41,14 +41,13 @@ if __name__ == "__main__" and not __package__:  # run as a file in a checkout:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, as `-m` has it
 
 from data_tools.shard_lib.pipeline import TXT_MODES, Options, build  # noqa: E402
-from pretrain.errors import OneLineParser, EXIT_INTERRUPTED, UserError, report  # noqa: E402
-
+from pretrain.errors import EXIT_INTERRUPTED, OneLineParser, UserError, report  # noqa: E402
 
 
 def parse_args(argv=None) -> Options:
     summary, _, details = __doc__.partition("\n\n")
     parser = OneLineParser(description=" ".join(summary.split()), epilog=details,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
                         help="files, directories (recursive) or globs; may be repeated")
     parser.add_argument("--output", required=True, metavar="DIR", help="shard directory")

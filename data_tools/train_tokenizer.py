@@ -349,7 +349,7 @@ def train_model(sentences: list[str], options: dict, seed: int, args) -> bytes:
 
 def parse_args(argv=None):
     parser = OneLineParser(description=__doc__.split("\n\n")[0],
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, nargs="+", action="extend",
                         help="files, directories or quoted globs (.txt, .jsonl, .jsonl.gz, .jsonl.zst, "
                              ".parquet)")

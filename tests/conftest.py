@@ -1,8 +1,8 @@
 """Shared fixtures.
 
 The budget plugin (tests/budget.py) reports each area's time against docs/testing.md.
-tests/zygote.py's fork server, started by the first test that launches a CLI, is stopped when
-the session ends.
+tests/zygote.py's fork server (tests/zygote_server.py), started by the first test that launches
+a CLI, is stopped when the session ends.
 
 `single_rank_parallel` brings up a one-process gloo group and megatron's parallel_state
 (TP=1, PP=1) once per test session: torch.distributed and parallel_state can only be

@@ -37,8 +37,8 @@ from data_tools.curate_lib.minhash import choose_bands
 from data_tools.curate_lib.reader import UnitError, unit_documents
 from data_tools.shard_lib.errors import ShardError
 from data_tools.shard_lib.inputs import plan_units, resolve_inputs
-from data_tools.shard_lib.pipeline import (NORMALIZATION, TXT_MODES, init_ray, local_cpus,
-                                           shutdown_ray)
+from data_tools.shard_lib.pipeline import (NORMALIZATION, TXT_MODES, shutdown_ray,
+                                           start_ray)
 from pretrain.errors import DataError
 
 @dataclass
@@ -93,25 +93,10 @@ def _configure_ray_data() -> None:
 
 
 def _start_ray(opts: Options) -> tuple[int, bool]:
-    import ray
-
-    if not opts.ray_address and opts.num_workers and opts.num_workers > local_cpus():
-        opts.num_workers = local_cpus()
-    owned = False
-    if not ray.is_initialized():
-        try:
-            init_ray(opts.num_workers, opts.ray_address)
-        except ShardError as err:
-            raise CurateError(str(err)) from None
-        owned = True
-    cpus = int(ray.cluster_resources().get("CPU", 0))
-    workers = opts.num_workers or max(cpus, 1)
-    if workers > cpus:
-        if owned:
-            ray.shutdown()
-        raise CurateError(f"--num-workers {workers} exceeds the {cpus} CPUs of the Ray cluster; "
-                          f"lower --num-workers")
-    return workers, owned
+    try:
+        return start_ray(opts, tool=None)
+    except ShardError as err:
+        raise CurateError(str(err)) from None
 
 
 def _eval_texts(files: list[str], text_key: str, where: str):

@@ -233,15 +233,18 @@ def local_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _start_ray(opts: Options) -> tuple[int, bool]:
-    """(worker count, whether this call started Ray and must shut it down)."""
+def start_ray(opts, tool: str | None = "shard") -> tuple[int, bool]:
+    """(worker count, whether this call started Ray and must shut it down) for a tool's
+    options (`num_workers`, `ray_address`, `log`); shard.py's and curate.py's. More workers
+    than local CPUs are cut to the CPUs, said in one line when `tool` names the tool."""
     import ray
 
     owned = False
     if not opts.ray_address and opts.num_workers and opts.num_workers > local_cpus():
-        # One single-threaded tokenizer per CPU: more actors only compete for the same cores.
-        print(f"shard: --num-workers {opts.num_workers} is more than the {local_cpus()} CPUs "
-              f"here; using {local_cpus()}", file=opts.log or sys.stdout, flush=True)
+        # One single-threaded worker per CPU: more only compete for the same cores.
+        if tool:
+            print(f"{tool}: --num-workers {opts.num_workers} is more than the {local_cpus()} "
+                  f"CPUs here; using {local_cpus()}", file=opts.log or sys.stdout, flush=True)
         opts.num_workers = local_cpus()
     if not ray.is_initialized():
         init_ray(opts.num_workers, opts.ray_address)
@@ -381,7 +384,7 @@ def build(opts: Options) -> dict:
         total_bytes = sum(s["weight"] for u in units for s in u["segments"])
         workers = opts.num_workers
         if todo:
-            workers, ray_owned = _start_ray(opts)
+            workers, ray_owned = start_ray(opts)
             pieces_from_ray = _ray_pieces(todo, opts, tok, workers, dtype)
         print(f"shard: {len(files)} files, {total_bytes:,} bytes in {len(units)} read units "
               f"({len(units) - len(todo)} cached), {workers or 0} workers", file=log, flush=True)

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import pytest
 
+# one local Ray runtime per module, and the JSONL writer, as the shard tests have them
+from tests.data_tools.test_shard import ray_local, write_jsonl  # noqa: F401
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,23 +52,6 @@ def english(rng: random.Random, sentences: int = 8) -> str:
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from data_tools.shard_lib.pipeline import init_ray
-
-    init_ray(2)
-    yield
-    ray.shutdown()
-
-
-def write_jsonl(path: Path, records: list, opener=open) -> None:
-    with opener(path, "wt", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
 
 
 @pytest.fixture(scope="module")
